@@ -1,0 +1,183 @@
+"""The one-line entry point :func:`initialize_`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from initopt.core.batches import BatchSource, Task, _describe, check_loss
+from initopt.core.blocks import apply_scales_
+from initopt.core.functional import Evaluator, search_mode
+from initopt.core.progress import Progress
+from initopt.errors import ConfigError, DataError, InitOptError, LossError, ModelError
+from initopt.methods.base import Method, Problem, get_method, make_config
+from initopt.result import InitResult
+
+__all__ = ["initialize_", "run_method"]
+
+MethodSpec = str | Method | Sequence[str | tuple[str, dict[str, Any]] | Method]
+
+
+def _devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def _validate(evaluator: Evaluator, batch: Any) -> None:
+    """One forward and loss on the first batch, with every failure named."""
+    tensors = evaluator.space.leaves(evaluator.space.ones())
+    try:
+        loss = evaluator.loss(tensors, batch, where="the first batch")
+    except InitOptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported
+        raise DataError(
+            f"the model could not take the first batch {_describe(batch)}: {type(e).__name__}: {e}"
+        ) from e
+    check_loss(loss, "the first batch")
+    if not loss.requires_grad:
+        raise LossError("the loss on the first batch does not depend on any trainable parameter")
+    if not bool(torch.isfinite(loss)):
+        raise LossError(f"the loss on the first batch is {float(loss)}; expected a finite number")
+
+
+def run_method(
+    method: Method,
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> InitResult:
+    """Run one method on ``model`` in place (the engine behind :func:`initialize_`)."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    steps = method.config.steps if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
+    task = Task(loss_fn=loss_fn, forward_fn=forward_fn)
+    space = method.make_space(model)
+    evaluator = Evaluator(model, space, task)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=_devices(model)), search_mode(model, method.mode):
+        torch.manual_seed(seed)
+        batches = BatchSource(data, space.device)
+        _validate(evaluator, batches.first)
+        generator = torch.Generator(device=space.device).manual_seed(seed)
+        problem = Problem(model, space, evaluator, batches, generator, seed)
+        with Progress(steps, desc=method.name, enabled=progress) as bar:
+            outcome = method.search(problem, steps, bar)
+    seconds = time.perf_counter() - t0
+    scales = space.to_scales(outcome.alpha)
+    apply_scales_(model, scales)
+    return InitResult(
+        method=method.name,
+        config=method.config,
+        scales=scales,
+        history=outcome.history,
+        seconds=seconds,
+        unscalable=tuple(space.unscalable),
+        before=outcome.before,
+        after=outcome.after,
+    )
+
+
+def _as_stage(spec: Any, config: dict[str, Any]) -> tuple[Method, int | None]:
+    if isinstance(spec, Method):
+        if config:
+            raise ConfigError("config keywords cannot be combined with a Method instance")
+        return spec, None
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+        name, fields = spec
+    elif isinstance(spec, str):
+        name, fields = spec, {}
+    else:
+        raise ConfigError(
+            f"a method is a registered name, a (name, config dict) pair or a Method; got {spec!r}"
+        )
+    fields = {**fields, **config}
+    cls = get_method(name)
+    return cls(make_config(cls.Config, fields, name)), None
+
+
+def initialize_(
+    model: nn.Module,
+    data: Any,
+    method: MethodSpec = "gradinit",
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    **config: Any,
+) -> InitResult:
+    """Optimize the initialization of ``model`` in place and return what was done.
+
+    Args:
+        model: any ``torch.nn.Module``; its trainable tensors are rescaled in place
+            (``Parameter`` identity, ties, hooks and optimizers survive).
+        data: a DataLoader, an iterable of batches, or one batch (see
+            :mod:`initopt.core.batches` for the batch forms).
+        method: a registered name (:func:`initopt.methods`), a :class:`Method`, or a
+            pipeline run in order, e.g. ``["hessian", ("gradinit", {"steps": 200})]``.
+        loss_fn: ``loss_fn(output, batch) -> scalar``; ``None`` uses cross-entropy for
+            ``(inputs, targets)`` batches and the model's own loss for dict batches.
+        forward_fn: ``forward_fn(model, batch) -> output``; ``None`` calls the model.
+        steps: iterations (``None``: the method's default).
+        seed: seed of all randomness of the method (batch order, probes, noise inputs).
+        progress: ``None`` shows a progress bar when standard error is a terminal.
+        **config: fields of the method's config dataclass; unknown keys are an error.
+
+    Returns:
+        The frozen :class:`InitResult`. If anything fails, the model is left as it was.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> sorted(initialize_(net, batch, "gradinit", steps=3).scales)[:2]
+        ['0.bias', '0.weight']
+    """
+    kw = {"loss_fn": loss_fn, "forward_fn": forward_fn, "seed": seed, "progress": progress}
+    if isinstance(method, (str, Method)) or (
+        isinstance(method, tuple) and len(method) == 2 and isinstance(method[1], dict)
+    ):
+        stage, _ = _as_stage(method, config)
+        return run_method(stage, model, data, steps=steps, **kw)
+    if not isinstance(method, Sequence) or not method:
+        raise ConfigError(f"method must be a name, a Method or a non-empty list of them; got {method!r}")
+    if config or steps is not None:
+        raise ConfigError("for a pipeline, give steps and config per stage: [(name, {...}), ...]")
+    stages = [_as_stage(s, {})[0] for s in method]
+    saved = [(p, p.detach().clone()) for p in {id(p): p for p in model.parameters()}.values()]
+    results: list[InitResult] = []
+    try:
+        for stage in stages:
+            results.append(run_method(stage, model, data, **kw))
+    except BaseException:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
+        raise
+    scales: dict[str, float] = {}
+    for r in results:
+        for n, s in r.scales.items():
+            scales[n] = scales.get(n, 1.0) * s
+    history = [{"stage": i, **h} for i, r in enumerate(results) for h in r.history]
+    return InitResult(
+        method="+".join(r.method for r in results),
+        config=tuple(r.config for r in results),
+        scales=scales,
+        history=history,
+        seconds=sum(r.seconds for r in results),
+        stages=tuple(results),
+        unscalable=results[-1].unscalable,
+        before=results[0].before,
+        after=results[-1].after,
+    )

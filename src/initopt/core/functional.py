@@ -1,0 +1,134 @@
+"""Functional evaluation of a network at other parameters, and the search mode.
+
+The network is evaluated at :math:`\\theta(\\alpha)` with :func:`torch.func.functional_call`
+on a dict of tensors; the user's ``Parameter`` objects are never replaced, and buffers are
+*copies*, so BatchNorm cannot write running statistics into the model.
+
+:func:`search_mode` puts the model in the state every search runs in and restores every
+module's ``training`` flag on exit, also on exceptions and ``KeyboardInterrupt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from initopt.core.batches import Batch, Task, check_loss
+from initopt.core.blocks import ScaleSpace
+
+__all__ = ["Evaluator", "search_mode"]
+
+_DROPOUT = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
+    torch.alpha_dropout,
+    torch.feature_alpha_dropout,
+    torch.feature_dropout,
+}
+
+
+class _NoDropout(TorchFunctionMode):
+    """Makes every dropout the identity, also inside attention (``dropout_p = 0``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _DROPOUT:
+            x = args[0] if args else kwargs["input"]
+            return x
+        if func is F.scaled_dot_product_attention:
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            else:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def search_mode(model: nn.Module, mode: str = "train") -> Iterator[nn.Module]:
+    """Enter the state in which a search evaluates the model; restore it on exit.
+
+    ``mode="train"``: every module in training mode (BatchNorm uses batch statistics; the
+    running buffers are protected by :class:`Evaluator`'s buffer copies) with every dropout
+    turned off. ``mode="eval"``: every module in eval mode. In both, scaled-dot-product
+    attention runs on the math backend, which supports double backward.
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(mode == "train")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_NoDropout())
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            except ImportError:  # pragma: no cover - torch < 2.3
+                pass
+            yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class _Caller(nn.Module):
+    """Holds the model as ``m`` so that ``functional_call`` can run any ``forward_fn``."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.m = model
+        self._task = task
+
+    def forward(self, batch: Batch) -> Any:
+        return self._task.forward(self.m, batch)
+
+
+class Evaluator:
+    """Loss of the model at arbitrary values of its trainable tensors.
+
+    Args:
+        model: the network (only read).
+        space: its blocks.
+        task: batch form and loss.
+    """
+
+    def __init__(self, model: nn.Module, space: ScaleSpace, task: Task) -> None:
+        self.model = model
+        self.space = space
+        self.task = task
+        self._caller = _Caller(model, task)
+        self._buffers = {
+            "m." + n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False)
+        }
+
+    def fresh_buffers(self) -> None:
+        """Reset the buffer copies to the model's current buffers."""
+        self._buffers = {
+            "m." + n: b.detach().clone() for n, b in self.model.named_buffers(remove_duplicate=False)
+        }
+
+    def output(self, tensors: list[torch.Tensor], batch: Batch) -> Any:
+        """Model output with the blocks' tensors replaced by ``tensors``."""
+        state = {"m." + k: v for k, v in self.space.as_dict(tensors).items()}
+        state.update(self._buffers)
+        return torch.func.functional_call(self._caller, state, (batch,), strict=False)
+
+    def loss(self, tensors: list[torch.Tensor], batch: Batch, where: str = "a batch") -> torch.Tensor:
+        """Scalar loss with the blocks' tensors replaced by ``tensors``."""
+        out = self.output(tensors, batch)
+        return check_loss(self.task.loss(out, batch), where)
+
+    def loss_fn(self, batch: Batch) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        """``tensors -> loss`` on a fixed batch."""
+        return lambda tensors: self.loss(tensors, batch)

@@ -1,0 +1,73 @@
+"""Built-in data sets that need no network: scikit-learn's digits and synthetic tasks.
+
+Each loader returns ``(train, test)`` as :class:`torch.utils.data.TensorDataset`; use
+:func:`loader` for a seeded DataLoader.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from initopt.errors import DataError
+
+__all__ = ["digits", "loader", "synthetic_classification", "synthetic_sequences"]
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes) as 64 standardized features.
+
+    Needs scikit-learn (``pip install initopt[data]``); the data ships inside it.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - optional extra
+        raise DataError("the digits data set needs scikit-learn: pip install 'initopt[data]'") from e
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    n_test = int(len(x) * test_fraction)
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    mean, std = x[train_idx].mean(0), x[train_idx].std(0).clamp_min(1e-3)
+    x = (x - mean) / std
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+
+
+def synthetic_classification(
+    n: int = 2048, features: int = 32, classes: int = 10, seed: int = 0, test_fraction: float = 0.2
+) -> tuple[TensorDataset, TensorDataset]:
+    """Gaussian inputs labelled by a random two-layer teacher network."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    w1 = torch.randn(features, 64, generator=g) / features**0.5
+    w2 = torch.randn(64, classes, generator=g) / 8.0
+    y = (torch.tanh(x @ w1) @ w2).argmax(1)
+    k = int(n * (1 - test_fraction))
+    return TensorDataset(x[:k], y[:k]), TensorDataset(x[k:], y[k:])
+
+
+def synthetic_sequences(
+    n: int = 2048, length: int = 16, vocab: int = 32, classes: int = 4, seed: int = 0,
+    test_fraction: float = 0.2,
+) -> tuple[TensorDataset, TensorDataset]:
+    """Token sequences labelled by which of ``classes`` marker tokens occurs most often."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(classes, vocab, (n, length), generator=g)
+    counts = torch.randint(0, 4, (n, classes), generator=g)
+    for c in range(classes):
+        for j in range(length):
+            mask = (counts[:, c] > j % 4) & (torch.rand(n, generator=g) < 0.3)
+            x[mask, j] = c
+    y = torch.stack([(x == c).sum(1) for c in range(classes)], 1).argmax(1)
+    k = int(n * (1 - test_fraction))
+    return TensorDataset(x[:k], y[:k]), TensorDataset(x[k:], y[k:])
+
+
+def loader(dataset: TensorDataset, batch_size: int = 64, *, shuffle: bool = True, seed: int = 0) -> DataLoader:
+    """A DataLoader with its own seeded generator and ``drop_last`` (equal batch sizes)."""
+    if batch_size < 2:
+        raise DataError(f"batch_size must be at least 2, got {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, generator=g)

@@ -1,0 +1,222 @@
+"""GradInit: Zhu, Ni, Xu, Kong, Huang, Goldstein, "GradInit: Learning to Initialize Neural
+Networks for Stable and Efficient Training", NeurIPS 2021, arXiv:2102.08098.
+
+One scale :math:`\\alpha_i` per tensor, :math:`\\theta_i = \\alpha_i W_i^0`, chosen so that one
+step of the target optimizer lowers the loss most, under a bound on the gradient norm:
+
+.. math::
+
+    \\min_\\alpha \\; \\frac{1}{\\eta} L\\big(\\tilde S;\\, \\theta(\\alpha) - \\eta\\,
+    \\mathrm{sg}(A[g])\\big) \\quad \\text{s.t.} \\quad \\|g\\|_p \\le \\gamma,
+    \\qquad g = \\nabla_\\theta L(S; \\theta(\\alpha)),
+
+with :math:`A[g] = g/\\|g\\|_2` (or :math:`g`) and :math:`p = 2` for the ``sgd`` target, and
+:math:`A[g] = \\mathrm{sign}(g)`, :math:`p = 1` for the ``adam`` target. Each iteration takes
+one batch :math:`S = [B_0; B_1]` and half of the next batch :math:`B_2`;
+:math:`\\tilde S = [B_0; B_2]` (with a single batch, :math:`\\tilde S = S`). If
+:math:`\\|g\\|_p > \\gamma` the iteration is a *constraint step* (minimize :math:`\\|g\\|_p`,
+double backward); otherwise an *objective step*, first order: the look-ahead gradient does
+not flow through :math:`g`, so it costs one more forward and backward and no
+double-backward graph is built. Scales are updated by :class:`~initopt.core.RescaleAdam`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from initopt.core.batches import Batch, concat_batches, split_batch
+from initopt.core.blocks import ScaleSpace
+from initopt.core.functional import Evaluator
+from initopt.core.optim import RescaleAdam
+from initopt.core.progress import Progress
+from initopt.errors import ConfigError, LossError
+from initopt.methods.base import Method, Outcome, Problem, register
+
+__all__ = ["GradInit", "GradInitConfig"]
+
+
+@dataclass(frozen=True)
+class GradInitConfig:
+    """GradInit settings; defaults are the paper's CIFAR-10 scripts (VGG-19 without BN).
+
+    Attributes:
+        target: optimizer of the first training step, ``"sgd"`` (L2 bound) or ``"adam"``
+            (L1 bound, sign step).
+        normalize: ``sgd`` target only: step :math:`g/\\|g\\|_2` (the published runs) or
+            :math:`g`.
+        eta: look-ahead step :math:`\\eta`.
+        gamma: gradient-norm bound :math:`\\gamma`.
+        lr: scale learning rate :math:`\\tau`.
+        min_scale: :math:`\\alpha_{\\min}` for weights and gains (biases: 0).
+        max_gain_scale: optional cap on norm-layer gains (Transformer recipe: 100).
+        clip: bound on each scalar scale gradient (``None``: none).
+        betas, eps: of the scale optimizer.
+        steps: iterations :math:`T` (both kinds count).
+        mode: ``"train"`` (BatchNorm on batch statistics, dropout off) or ``"eval"``.
+    """
+
+    target: str = "sgd"
+    normalize: bool = True
+    eta: float = 0.1
+    gamma: float = 1.0
+    lr: float = 1e-2
+    min_scale: float = 0.01
+    max_gain_scale: float | None = None
+    clip: float | None = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    steps: int = 390
+    mode: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.target not in ("sgd", "adam"):
+            raise ConfigError(f"gradinit: target must be 'sgd' or 'adam', got {self.target!r}")
+        for k in ("eta", "gamma", "lr"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"gradinit: {k} must be a positive number, got {v!r}")
+        if not 0 < self.min_scale:
+            raise ConfigError(f"gradinit: min_scale must be > 0, got {self.min_scale!r}")
+        if self.max_gain_scale is not None and self.max_gain_scale < self.min_scale:
+            raise ConfigError("gradinit: max_gain_scale must be >= min_scale")
+        if self.clip is not None and self.clip <= 0:
+            raise ConfigError(f"gradinit: clip must be > 0 or None, got {self.clip!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"gradinit: betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.mode not in ("train", "eval"):
+            raise ConfigError(f"gradinit: mode must be 'train' or 'eval', got {self.mode!r}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    @classmethod
+    def transformer(cls, **overrides: Any) -> GradInitConfig:
+        """The paper's IWSLT'14 post-LN Transformer recipe (Adam, no warmup)."""
+        base = cls(
+            target="adam", eta=1e-3, lr=2.5e-3, betas=(0.9, 0.98), steps=780, gamma=1000.0,
+            max_gain_scale=100.0,
+        )
+        return replace(base, **overrides)
+
+
+def _zeros_for_none(grads: tuple[torch.Tensor | None, ...], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
+
+
+@register
+class GradInit(Method):
+    """GradInit (Zhu et al. 2021): scales that make the first optimizer step most effective."""
+
+    name = "gradinit"
+    Config = GradInitConfig
+    summary = "scales so that one SGD/Adam step lowers the loss most, under a gradient-norm bound"
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def grad_norm(self, g: list[torch.Tensor]) -> torch.Tensor:
+        """:math:`\\|g\\|_2` (``sgd``) or :math:`\\|g\\|_1` (``adam``), differentiable."""
+        if self.config.target == "adam":
+            return torch.stack([x.abs().sum() for x in g]).sum()
+        return torch.stack([x.pow(2).sum() for x in g]).sum().sqrt()
+
+    def step_direction(self, g: list[torch.Tensor], norm: torch.Tensor) -> list[torch.Tensor]:
+        """:math:`A[g]`: the first step of the target optimizer (learning rate excluded)."""
+        if self.config.target == "adam":
+            return [x.sign() for x in g]
+        if self.config.normalize:
+            d = norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            return [x / d for x in g]
+        return list(g)
+
+    def lookahead(
+        self, ev: Evaluator, theta: list[torch.Tensor], g: list[torch.Tensor], norm: torch.Tensor,
+        batch: Batch,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:math:`L(\\tilde S; \\theta - \\eta A[g]) / \\eta` and the leaves it was taken at."""
+        eta = self.config.eta
+        moved = [
+            (t.detach() - eta * a.detach()).requires_grad_(True)
+            for t, a in zip(theta, self.step_direction(g, norm), strict=True)
+        ]
+        return ev.loss(moved, batch) / eta, moved
+
+    def iteration(
+        self, ev: Evaluator, space: ScaleSpace, alpha: torch.Tensor, S: Batch, S_tilde: Batch
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One GradInit iteration at ``alpha``: the scale gradient and a record.
+
+        Returns ``(dJ/dalpha, record)`` where the record holds ``branch``, ``loss`` (on S),
+        ``grad_norm`` and, for objective steps, ``lookahead_loss`` (a 0-d tensor).
+        """
+        theta = space.leaves(alpha)
+        loss = ev.loss(theta, S)
+        g = _zeros_for_none(torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True), theta)
+        norm = self.grad_norm(g)
+        loss_v, norm_v = torch.stack([loss.detach().double(), norm.detach().double()]).tolist()
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            raise LossError(
+                f"gradinit: non-finite loss ({loss_v}) or gradient norm ({norm_v}); "
+                "lower lr or check the model and data"
+            )
+        rec: dict[str, Any] = {"loss": loss_v, "grad_norm": norm_v}
+        if norm_v > self.config.gamma:
+            g2 = _zeros_for_none(
+                torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta
+            )
+            n2 = self.grad_norm(g2)
+            dn = torch.autograd.grad(n2, theta, allow_unused=True)
+            rec["branch"] = "constraint"
+            return space.scale_grad(dn), rec
+        del loss
+        obj, moved = self.lookahead(ev, theta, g, norm, S_tilde)
+        d = torch.autograd.grad(obj, moved, allow_unused=True)
+        rec["branch"] = "objective"
+        rec["lookahead_loss"] = obj.detach() * self.config.eta
+        return space.scale_grad(d), rec
+
+    def measure(self, ev: Evaluator, space: ScaleSpace, alpha: torch.Tensor, S: Batch, S_tilde: Batch) -> dict[str, float]:
+        """Loss, gradient norm and look-ahead loss :math:`L(\\tilde S; \\theta - \\eta A[g])`."""
+        theta = space.leaves(alpha)
+        loss = ev.loss(theta, S)
+        g = _zeros_for_none(torch.autograd.grad(loss, theta, allow_unused=True), theta)
+        norm = self.grad_norm(g)
+        with torch.no_grad():
+            obj, _ = self.lookahead(ev, theta, g, norm, S_tilde)
+        v = torch.stack([loss.detach(), norm, obj * self.config.eta]).double().tolist()
+        return {"loss": v[0], "grad_norm": v[1], "lookahead_loss": v[2]}
+
+    @staticmethod
+    def pair(problem: Problem, S: Batch, nxt: Batch) -> Batch:
+        """:math:`\\tilde S = [B_0; B_2]`: first halves of this batch and the next one."""
+        if problem.batches.single:
+            return S
+        return concat_batches([split_batch(S, 2)[0], split_batch(nxt, 2)[0]])
+
+    # -- the verb -------------------------------------------------------------------------
+
+    def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
+        cfg = self.config
+        space, ev = problem.space, problem.evaluator
+        alpha = space.ones()
+        lo, hi = space.bounds()
+        opt = RescaleAdam(lo, hi, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, clip=cfg.clip)
+        S = problem.next_batch()
+        nxt = problem.next_batch()
+        probe = (S, self.pair(problem, S, nxt))
+        before = self.measure(ev, space, alpha, *probe)
+        history: list[dict[str, Any]] = []
+        for t in range(steps):
+            grad, rec = self.iteration(ev, space, alpha, S, self.pair(problem, S, nxt))
+            opt.step(alpha, grad, kind=rec["branch"])
+            history.append({"step": t, **rec})
+            progress.update(branch=rec["branch"][:3], norm=f"{rec['grad_norm']:.3g}")
+            S, nxt = nxt, problem.next_batch()
+        lookahead = [h.pop("lookahead_loss") for h in history if "lookahead_loss" in h]
+        values = torch.stack(lookahead).double().tolist() if lookahead else []
+        it = iter(values)
+        for h in history:
+            h["lookahead_loss"] = next(it) if h["branch"] == "objective" else None
+        after = self.measure(ev, space, alpha, *probe)
+        return Outcome(alpha=alpha, history=history, before=before, after=after)
