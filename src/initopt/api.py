@@ -33,7 +33,7 @@ def _validate(evaluator: Evaluator, batch: Any) -> None:
         loss = evaluator.loss(tensors, batch, where="the first batch")
     except InitOptError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported
+    except Exception as e:
         raise DataError(
             f"the model could not take the first batch {_describe(batch)}: {type(e).__name__}: {e}"
         ) from e
@@ -41,7 +41,9 @@ def _validate(evaluator: Evaluator, batch: Any) -> None:
     if not loss.requires_grad:
         raise LossError("the loss on the first batch does not depend on any trainable parameter")
     if not bool(torch.isfinite(loss)):
-        raise LossError(f"the loss on the first batch is {float(loss)}; expected a finite number")
+        raise LossError(
+            f"the loss on the first batch is {float(loss.detach())}; expected a finite number"
+        )
 
 
 def run_method(
