@@ -85,7 +85,8 @@ def test_baked_equals_scaled_forward_and_preserves_state(method, cfg, steps, mc)
     for n, s in res.scales.items():
         by_id[id(named[n])] = s
     scaled = {
-        n: w0[n] * by_id.get(id(p), 1.0) for n, p in model.named_parameters()  # one name per tensor
+        n: w0[n] * by_id.get(id(p), 1.0)
+        for n, p in model.named_parameters()  # one name per tensor
     }
     original.eval()
     model.eval()

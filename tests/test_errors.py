@@ -31,7 +31,10 @@ CASES = {
     "no data": (None, {"data": None}, initopt.DataError, "no data"),
     "not a batch": (None, {"data": 42}, initopt.DataError, "int"),
     "batch the model cannot take": (
-        None, {"data": [_batch(features=5)]}, initopt.DataError, "could not take the first batch"
+        None,
+        {"data": [_batch(features=5)]},
+        initopt.DataError,
+        "could not take the first batch",
     ),
     "non-scalar loss": (
         None,
@@ -47,7 +50,10 @@ CASES = {
     ),
     "loss not a tensor": (None, {"data": [_batch()], "loss_fn": lambda out, b: 1.0}, initopt.LossError, "float"),
     "loss independent of parameters": (
-        None, {"data": [_batch()], "loss_fn": lambda out, b: torch.tensor(1.0)}, initopt.LossError, "depend"
+        None,
+        {"data": [_batch()], "loss_fn": lambda out, b: torch.tensor(1.0)},
+        initopt.LossError,
+        "depend",
     ),
     "tensor batch without loss_fn": (None, {"data": torch.randn(8, 4)}, initopt.LossError, "loss_fn"),
     "unknown method": (None, {"data": [_batch()], "method": "xavier-magic"}, initopt.ConfigError, "unknown method"),
@@ -55,7 +61,10 @@ CASES = {
     "bad config value": (None, {"data": [_batch()], "eta": -1.0}, initopt.ConfigError, "eta"),
     "bad steps": (None, {"data": [_batch()], "steps": -3}, initopt.ConfigError, "steps"),
     "pipeline with flat config": (
-        None, {"data": [_batch()], "method": ["gradinit", "gradinit"], "eta": 0.2}, initopt.ConfigError, "per stage"
+        None,
+        {"data": [_batch()], "method": ["gradinit", "gradinit"], "eta": 0.2},
+        initopt.ConfigError,
+        "per stage",
     ),
     "batch too small to halve": (None, {"data": [_batch(n=1)]}, initopt.DataError, "split"),
 }
@@ -83,7 +92,7 @@ def test_every_error_is_an_initopt_error():
 
 
 def test_not_a_module():
-    with pytest.raises(initopt.ModelError, match="nn.Module"):
+    with pytest.raises(initopt.ModelError, match=r"nn\.Module"):
         initopt.initialize_(lambda x: x, [_batch()])
 
 
@@ -100,7 +109,9 @@ def test_pipeline_failure_restores_earlier_stages():
 
     with pytest.raises(RuntimeError, match="late failure"):
         initopt.initialize_(
-            model, [_batch(), _batch()], [("gradinit", {"steps": 3, "lr": 0.5}), ("gradinit", {"steps": 5})],
+            model,
+            [_batch(), _batch()],
+            [("gradinit", {"steps": 3, "lr": 0.5}), ("gradinit", {"steps": 5})],
             loss_fn=loss_fn,
         )
     assert_same(before, snapshot(model))

@@ -34,16 +34,12 @@ def _validate(evaluator: Evaluator, batch: Any) -> None:
     except InitOptError:
         raise
     except Exception as e:
-        raise DataError(
-            f"the model could not take the first batch {_describe(batch)}: {type(e).__name__}: {e}"
-        ) from e
+        raise DataError(f"the model could not take the first batch {_describe(batch)}: {type(e).__name__}: {e}") from e
     check_loss(loss, "the first batch")
     if not loss.requires_grad:
         raise LossError("the loss on the first batch does not depend on any trainable parameter")
     if not bool(torch.isfinite(loss)):
-        raise LossError(
-            f"the loss on the first batch is {float(loss.detach())}; expected a finite number"
-        )
+        raise LossError(f"the loss on the first batch is {float(loss.detach())}; expected a finite number")
 
 
 def run_method(
@@ -100,9 +96,7 @@ def _as_stage(spec: Any, config: dict[str, Any]) -> tuple[Method, int | None]:
     elif isinstance(spec, str):
         name, fields = spec, {}
     else:
-        raise ConfigError(
-            f"a method is a registered name, a (name, config dict) pair or a Method; got {spec!r}"
-        )
+        raise ConfigError(f"a method is a registered name, a (name, config dict) pair or a Method; got {spec!r}")
     fields = {**fields, **config}
     cls = get_method(name)
     return cls(make_config(cls.Config, fields, name)), None

@@ -51,7 +51,11 @@ def synthetic_classification(
 
 
 def synthetic_sequences(
-    n: int = 2048, length: int = 16, vocab: int = 32, classes: int = 4, seed: int = 0,
+    n: int = 2048,
+    length: int = 16,
+    vocab: int = 32,
+    classes: int = 4,
+    seed: int = 0,
     test_fraction: float = 0.2,
 ) -> tuple[TensorDataset, TensorDataset]:
     """Token sequences labelled by which of ``classes`` marker tokens occurs most often."""

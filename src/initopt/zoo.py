@@ -107,7 +107,11 @@ class ResNet(nn.Module):
     """Small residual network: stem conv, ``blocks`` basic blocks, linear head."""
 
     def __init__(
-        self, blocks: int = 2, width: int = 8, in_channels: int = 3, num_classes: int = 10,
+        self,
+        blocks: int = 2,
+        width: int = 8,
+        in_channels: int = 3,
+        num_classes: int = 10,
         batchnorm: bool = True,
     ) -> None:
         super().__init__()
@@ -132,14 +136,24 @@ class TransformerClassifier(nn.Module):
     """
 
     def __init__(
-        self, vocab: int = 32, d_model: int = 16, nhead: int = 2, layers: int = 2,
-        num_classes: int = 4, max_len: int = 16, dropout: float = 0.1,
+        self,
+        vocab: int = 32,
+        d_model: int = 16,
+        nhead: int = 2,
+        layers: int = 2,
+        num_classes: int = 4,
+        max_len: int = 16,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward=2 * d_model, dropout=dropout, batch_first=True,
+            d_model,
+            nhead,
+            dim_feedforward=2 * d_model,
+            dropout=dropout,
+            batch_first=True,
             norm_first=False,
         )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)

@@ -62,8 +62,9 @@ def test_frozen_parameters_are_left_alone():
     torch.manual_seed(0)
     m = Custom()
     frozen = m.frozen.detach().clone()
-    res = initopt.initialize_(m, torch.randn(8, 4), "gradinit", steps=5, lr=0.1,
-                              loss_fn=lambda out, b: out.pow(2).mean())
+    res = initopt.initialize_(
+        m, torch.randn(8, 4), "gradinit", steps=5, lr=0.1, loss_fn=lambda out, b: out.pow(2).mean()
+    )
     assert "frozen" not in res.scales
     assert torch.equal(m.frozen, frozen)
     assert res.unscalable == ("zero",)
@@ -84,8 +85,11 @@ def test_apply_scales_in_place_keeps_identity_and_ties():
 
 @pytest.mark.parametrize(
     "scales,words",
-    [({"nope": 1.0}, "no parameter"), ({"0.weight": float("nan")}, "finite"),
-     ({"head.weight": 2.0, "embed.weight": 3.0}, "tied")],
+    [
+        ({"nope": 1.0}, "no parameter"),
+        ({"0.weight": float("nan")}, "finite"),
+        ({"head.weight": 2.0, "embed.weight": 3.0}, "tied"),
+    ],
 )
 def test_apply_scales_checks_everything_before_writing(scales, words):
     model = zoo.tied_lm() if "head.weight" in scales else nn.Sequential(nn.Linear(2, 2))

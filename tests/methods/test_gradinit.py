@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def _central_diff(f, alpha: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
 
 @pytest.mark.parametrize("target,normalize", [("sgd", True), ("sgd", False), ("adam", False)])
 def test_lookahead_scale_gradient_equals_finite_differences(target, normalize):
-    model, space, ev, gi = _setup(target=target, normalize=normalize, gamma=1e9, eta=0.3)
+    _, space, ev, gi = _setup(target=target, normalize=normalize, gamma=1e9, eta=0.3)
     S, S2 = _batch(1), _batch(2)
     alpha0 = torch.tensor([1.3, 0.7, 0.9, 1.1], dtype=torch.float64)
     grad, rec = gi.iteration(ev, space, alpha0, S, S2)
@@ -67,7 +68,7 @@ def test_lookahead_scale_gradient_equals_finite_differences(target, normalize):
 
 @pytest.mark.parametrize("target", ["sgd", "adam"])
 def test_constraint_scale_gradient_equals_finite_differences(target):
-    model, space, ev, gi = _setup(target=target, gamma=1e-9)
+    _, space, ev, gi = _setup(target=target, gamma=1e-9)
     S, S2 = _batch(1), _batch(2)
     alpha0 = torch.tensor([1.2, 0.8, 1.1, 0.95], dtype=torch.float64)
     grad, rec = gi.iteration(ev, space, alpha0, S, S2)
@@ -95,8 +96,7 @@ def _manual_loss(params, batch):
     return -logp[torch.arange(len(y)), y].mean()
 
 
-def _manual_gradinit(w0, batches, *, steps, eta, gamma, lr, betas=(0.9, 0.999), eps=1e-8, clip=1.0,
-                     min_scale=0.01):
+def _manual_gradinit(w0, batches, *, steps, eta, gamma, lr, betas=(0.9, 0.999), eps=1e-8, clip=1.0, min_scale=0.01):
     """GradInit with normalized SGD target, written out with plain Python floats for Adam."""
     alpha = [1.0] * len(w0)
     m = {"constraint": [0.0] * len(w0), "objective": [0.0] * len(w0)}
@@ -176,7 +176,7 @@ def test_postcondition_lookahead_loss_drops_on_held_out_batches(seed):
     model = zoo.mlp(depth=10, width=64, in_features=64)
     held = list(loader(test, 64, seed=1))
     pairs = []
-    for S, nxt in zip(held[:-1], held[1:], strict=True):
+    for S, nxt in itertools.pairwise(held):
         S2 = (torch.cat([S[0][:32], nxt[0][:32]]), torch.cat([S[1][:32], nxt[1][:32]]))
         pairs.append((S, S2))
     before = sum(_lookahead(model, S, S2, 0.1) for S, S2 in pairs) / len(pairs)
@@ -214,7 +214,14 @@ def test_transformer_preset_and_gain_cap():
 
 
 def test_bad_config_values():
-    for bad in ({"target": "sgdm"}, {"eta": -1.0}, {"gamma": 0.0}, {"lr": float("nan")},
-                {"betas": (0.9, 1.0)}, {"mode": "inference"}, {"clip": 0.0}):
+    for bad in (
+        {"target": "sgdm"},
+        {"eta": -1.0},
+        {"gamma": 0.0},
+        {"lr": float("nan")},
+        {"betas": (0.9, 1.0)},
+        {"mode": "inference"},
+        {"clip": 0.0},
+    ):
         with pytest.raises(initopt.ConfigError):
             GradInitConfig(**bad)

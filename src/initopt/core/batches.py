@@ -114,8 +114,10 @@ def concat_batches(batches: list[Batch]) -> Batch:
 
     def cat(vals: list[Any]) -> Any:
         v0 = vals[0]
-        if isinstance(v0, torch.Tensor) and v0.ndim > 0 and all(
-            v.shape[0] == s for v, s in zip(vals, sizes, strict=True)
+        if (
+            isinstance(v0, torch.Tensor)
+            and v0.ndim > 0
+            and all(v.shape[0] == s for v, s in zip(vals, sizes, strict=True))
         ):
             return torch.cat(vals, dim=0)
         return v0

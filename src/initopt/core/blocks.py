@@ -160,9 +160,7 @@ class ScaleSpace:
         :math:`\\langle \\nabla_{\\theta_i} J, W_i^0 \\rangle` (:meth:`scale_grad`).
         """
         a = alpha.detach()
-        return [
-            (w * a[i].to(w.device, w.dtype)).requires_grad_(True) for i, w in enumerate(self._w0)
-        ]
+        return [(w * a[i].to(w.device, w.dtype)).requires_grad_(True) for i, w in enumerate(self._w0)]
 
     def scaled(self, alpha: torch.Tensor) -> list[torch.Tensor]:
         """Tensors :math:`\\alpha_i W_i^0` carrying the graph to ``alpha``."""
@@ -221,9 +219,7 @@ def apply_scales_(model: nn.Module, scales: dict[str, float]) -> nn.Module:
             raise ModelError(f"apply_scales_: scale of {name!r} is {s}; expected a finite number")
         p = by_name[name]
         if id(p) in todo and todo[id(p)][1] != s:
-            raise ModelError(
-                f"apply_scales_: tied names {todo[id(p)][2]!r} and {name!r} get different scales"
-            )
+            raise ModelError(f"apply_scales_: tied names {todo[id(p)][2]!r} and {name!r} get different scales")
         todo[id(p)] = (p, s, name)
     with torch.no_grad():
         for p, s, _ in todo.values():

@@ -108,15 +108,11 @@ class Evaluator:
         self.space = space
         self.task = task
         self._caller = _Caller(model, task)
-        self._buffers = {
-            "m." + n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False)
-        }
+        self._buffers = {"m." + n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False)}
 
     def fresh_buffers(self) -> None:
         """Reset the buffer copies to the model's current buffers."""
-        self._buffers = {
-            "m." + n: b.detach().clone() for n, b in self.model.named_buffers(remove_duplicate=False)
-        }
+        self._buffers = {"m." + n: b.detach().clone() for n, b in self.model.named_buffers(remove_duplicate=False)}
 
     def output(self, tensors: list[torch.Tensor], batch: Batch) -> Any:
         """Model output with the blocks' tensors replaced by ``tensors``."""

@@ -52,9 +52,7 @@ def make_config(config_cls: type, fields: dict[str, Any], method: str) -> Any:
     valid = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(fields) - valid)
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {unknown} for method {method!r}; valid keys: {sorted(valid)}"
-        )
+        raise ConfigError(f"unknown config key(s) {unknown} for method {method!r}; valid keys: {sorted(valid)}")
     try:
         return config_cls(**fields)
     except TypeError as e:  # pragma: no cover - guarded above

@@ -95,7 +95,12 @@ class GradInitConfig:
     def transformer(cls, **overrides: Any) -> GradInitConfig:
         """The paper's IWSLT'14 post-LN Transformer recipe (Adam, no warmup)."""
         base = cls(
-            target="adam", eta=1e-3, lr=2.5e-3, betas=(0.9, 0.98), steps=780, gamma=1000.0,
+            target="adam",
+            eta=1e-3,
+            lr=2.5e-3,
+            betas=(0.9, 0.98),
+            steps=780,
+            gamma=1000.0,
             max_gain_scale=100.0,
         )
         return replace(base, **overrides)
@@ -131,7 +136,11 @@ class GradInit(Method):
         return list(g)
 
     def lookahead(
-        self, ev: Evaluator, theta: list[torch.Tensor], g: list[torch.Tensor], norm: torch.Tensor,
+        self,
+        ev: Evaluator,
+        theta: list[torch.Tensor],
+        g: list[torch.Tensor],
+        norm: torch.Tensor,
         batch: Batch,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:math:`L(\\tilde S; \\theta - \\eta A[g]) / \\eta` and the leaves it was taken at."""
@@ -162,9 +171,7 @@ class GradInit(Method):
             )
         rec: dict[str, Any] = {"loss": loss_v, "grad_norm": norm_v}
         if norm_v > self.config.gamma:
-            g2 = _zeros_for_none(
-                torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta
-            )
+            g2 = _zeros_for_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
             n2 = self.grad_norm(g2)
             dn = torch.autograd.grad(n2, theta, allow_unused=True)
             rec["branch"] = "constraint"
@@ -176,7 +183,9 @@ class GradInit(Method):
         rec["lookahead_loss"] = obj.detach() * self.config.eta
         return space.scale_grad(d), rec
 
-    def measure(self, ev: Evaluator, space: ScaleSpace, alpha: torch.Tensor, S: Batch, S_tilde: Batch) -> dict[str, float]:
+    def measure(
+        self, ev: Evaluator, space: ScaleSpace, alpha: torch.Tensor, S: Batch, S_tilde: Batch
+    ) -> dict[str, float]:
         """Loss, gradient norm and look-ahead loss :math:`L(\\tilde S; \\theta - \\eta A[g])`."""
         theta = space.leaves(alpha)
         loss = ev.loss(theta, S)
