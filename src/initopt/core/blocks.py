@@ -69,7 +69,8 @@ class ScaleSpace:
         model: the network; its parameters are only read.
         min_scale: lower bound on the scale of weights and gains (:math:`\\alpha_{\\min}`).
         max_gain_scale: optional upper bound on the scale of gains (``None``: no bound).
-        params: optional selection of parameter names (``None``: every trainable tensor).
+        params: optional selection: an iterable of parameter names, or a module prefix such
+            as ``"layers.3"`` (``None``: every trainable tensor).
     """
 
     def __init__(
@@ -78,7 +79,7 @@ class ScaleSpace:
         *,
         min_scale: float = 0.01,
         max_gain_scale: float | None = None,
-        params: Iterable[str] | None = None,
+        params: Iterable[str] | str | None = None,
     ) -> None:
         groups: dict[int, list[str]] = {}
         tensors: dict[int, torch.Tensor] = {}
@@ -87,6 +88,12 @@ class ScaleSpace:
                 continue
             groups.setdefault(id(p), []).append(name)
             tensors[id(p)] = p
+        if isinstance(params, str):
+            prefix = params.rstrip(".")
+            wanted = {n for names in groups.values() for n in names if n == prefix or n.startswith(prefix + ".")}
+            if not wanted:
+                raise ModelError(f"no trainable parameter under the module prefix {params!r}")
+            params = wanted
         if params is not None:
             wanted = set(params)
             unknown = wanted - {n for names in groups.values() for n in names}

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from initopt.core.batches import Batch, Task, check_loss
 from initopt.core.blocks import ScaleSpace
 
-__all__ = ["Evaluator", "search_mode"]
+__all__ = ["Evaluator", "evaluation", "search_mode"]
 
 _DROPOUT = {
     F.dropout,
@@ -128,3 +128,25 @@ class Evaluator:
     def loss_fn(self, batch: Batch) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         """``tensors -> loss`` on a fixed batch."""
         return lambda tensors: self.loss(tensors, batch)
+
+
+@contextlib.contextmanager
+def evaluation(
+    model: nn.Module,
+    *,
+    loss_fn: Callable[[Any, Batch], torch.Tensor] | None = None,
+    forward_fn: Callable[[nn.Module, Batch], Any] | None = None,
+    params: Any = None,
+    mode: str = "train",
+) -> Iterator[Evaluator]:
+    """Read-only evaluation context for diagnostics.
+
+    Yields an :class:`Evaluator` over the selected trainable tensors (``params``: names or a
+    module prefix, see :class:`ScaleSpace`) inside :func:`search_mode`. Nothing in the model
+    changes: not its parameters, buffers, modes or ``.grad``. Move batches to
+    ``evaluator.space.device`` with :func:`initopt.core.batches.move_batch`.
+    """
+    space = ScaleSpace(model, params=params)
+    ev = Evaluator(model, space, Task(loss_fn=loss_fn, forward_fn=forward_fn))
+    with search_mode(model, mode):
+        yield ev
