@@ -1,0 +1,225 @@
+"""Cost of one GradInit iteration, in SGD training steps of the same model and batch.
+
+Claim: a GradInit iteration whose constraint does not fire is first order and costs about two
+training steps (two forward-backward passes at the user's batch size, S and S~); a
+constraint iteration (double backward) costs more. Peak memory stays within a small multiple
+of a training step's.
+
+Method: in one process, interleaved over ``--repeats`` rounds, we time (a) ``--iters`` plain
+SGD steps (forward, backward, ``optimizer.step``, ``zero_grad``) at batch B and (b) the
+per-iteration wall time GradInit records in ``result.history`` at batch B (S = one batch of
+B, S~ = its first half plus half of the next batch), once with the bound inactive (objective
+steps) and once with it always active (constraint steps). Ratios are per round, reported as
+median and mean ± std over rounds. Peak memory: each workload runs alone in a fresh
+subprocess; peak RSS (``ru_maxrss``) minus the RSS before the workload.
+
+Run: ``python benchmarks/bench_gradinit.py`` (full) or ``--quick`` (seconds; used by the tests).
+Writes ``benchmarks/results/gradinit_cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import initopt
+from initopt import zoo
+
+HERE = Path(__file__).resolve().parent
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "vgg11_nobn": (lambda: zoo.vgg11(batchnorm=False), (3, 32, 32)),
+    "deep_mlp": (lambda: zoo.mlp(depth=10, width=256, in_features=64), (64,)),
+    "tiny_mlp": (lambda: zoo.mlp(depth=3, width=32, in_features=16), (16,)),
+}
+
+
+def make_batches(
+    shape: tuple[int, ...], batch: int, n: int = 4, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def time_train_steps(model: nn.Module, batches: list, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` SGD steps (forward, backward, step, zero_grad)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+    out = []
+    for i in range(iters):
+        x, y = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def time_gradinit(model: nn.Module, batches: list, iters: int, branch: str) -> list[float]:
+    """Per-iteration seconds that GradInit records, with the bound forced off or on."""
+    gamma = 1e12 if branch == "objective" else 1e-12
+    res = initopt.initialize_(model, batches, "gradinit", steps=iters, gamma=gamma, progress=False)
+    assert all(h["branch"] == branch for h in res.history)
+    return [h["seconds"] for h in res.history]
+
+
+def measure_time(name: str, batch: int, iters: int, repeats: int, warmup: int = 2) -> dict[str, Any]:
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    batches = make_batches(shape, batch)
+    time_train_steps(model, batches, warmup)
+    time_gradinit(model, batches, warmup, "objective")
+    rounds: dict[str, list[float]] = {"train_step": [], "objective": [], "constraint": []}
+    for _ in range(repeats):
+        rounds["train_step"].append(statistics.median(time_train_steps(model, batches, iters)))
+        for br in ("objective", "constraint"):
+            rounds[br].append(statistics.median(time_gradinit(model, batches, iters, br)))
+    out: dict[str, Any] = {"seconds_median": {k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds}
+    for br in ("objective", "constraint"):
+        ratios = [a / b for a, b in zip(rounds[br], rounds["train_step"], strict=True)]
+        out[f"{br}_iteration_in_train_steps"] = summary(ratios)
+    return out
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(xs),
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "n": len(xs),
+    }
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(name: str, batch: int, workload: str) -> int:
+    """Peak RSS (KiB) of the workload above the RSS before it, in this (fresh) process.
+
+    The kernel's high-water mark is reset first (``/proc/self/clear_refs`` ``5``) so that the
+    peak of importing torch does not count; without that, ``ru_maxrss`` is the fallback.
+    """
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    batches = make_batches(shape, batch)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        peak = lambda: _status_kib("VmHWM")  # noqa: E731
+    except OSError:  # pragma: no cover - not Linux
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
+    before = _status_kib("VmRSS")
+    if workload == "train_step":
+        time_train_steps(model, batches, 3)
+    else:
+        time_gradinit(model, batches, 3, workload)
+    return peak() - before
+
+
+def measure_memory(name: str, batch: int, threads: int, probes: int = 3) -> dict[str, Any]:
+    """Median over ``probes`` fresh subprocesses of each workload's peak RSS above its start."""
+    peaks: dict[str, list[int]] = {"train_step": [], "objective": [], "constraint": []}
+    for _ in range(probes):
+        for workload in peaks:
+            cmd = [sys.executable, __file__, "--_probe", name, str(batch), workload, "--threads", str(threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            peaks[workload].append(int(r.stdout.strip().splitlines()[-1]))
+    med = {k: statistics.median(v) for k, v in peaks.items()}
+    base = max(med["train_step"], 1)
+    return {
+        "peak_kib_median": med,
+        "peak_kib_probes": peaks,
+        "objective_in_train_steps": med["objective"] / base,
+        "constraint_in_train_steps": med["constraint"] / base,
+        "method": "fresh subprocess per workload and probe; kernel RSS high-water mark (VmHWM, reset "
+        "before) minus RSS before the workload (3 iterations, first ones included); median of probes",
+    }
+
+
+def provenance(threads: int) -> dict[str, Any]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:  # pragma: no cover
+        rev = "unknown"
+    return {
+        "torch": torch.__version__,
+        "initopt": initopt.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": threads,
+        "git_revision": rev,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, few iterations (seconds)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--models", nargs="*", default=["vgg11_nobn", "deep_mlp"])
+    p.add_argument("--out", default=str(HERE / "results" / "gradinit_cost.json"))
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--_probe", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args._probe:
+        name, batch, workload = args._probe
+        print(memory_probe(name, int(batch), workload))
+        return {}
+    if args.quick:
+        args.models, args.repeats, args.iters, args.batch = ["tiny_mlp"], 2, 3, 16
+    result: dict[str, Any] = {
+        "claim": "one GradInit iteration costs about two SGD training steps when the constraint does not fire",
+        "config": {"batch": args.batch, "iters": args.iters, "repeats": args.repeats, "models": args.models},
+        "provenance": provenance(args.threads),
+        "models": {},
+    }
+    for name in args.models:
+        print(f"[gradinit cost] {name} batch {args.batch} ...", flush=True)
+        entry = measure_time(name, args.batch, args.iters, args.repeats)
+        if not args.no_memory:
+            entry["memory"] = measure_memory(name, args.batch, args.threads, probes=1 if args.quick else 3)
+        result["models"][name] = entry
+        o, c = entry["objective_iteration_in_train_steps"], entry["constraint_iteration_in_train_steps"]
+        print(f"  objective iteration  {o['median']:.2f} train steps (mean {o['mean']:.2f} ± {o['std']:.2f})")
+        print(f"  constraint iteration {c['median']:.2f} train steps (mean {c['mean']:.2f} ± {c['std']:.2f})")
+        if "memory" in entry:
+            m = entry["memory"]
+            print(
+                f"  peak memory: objective {m['objective_in_train_steps']:.2f}x, "
+                f"constraint {m['constraint_in_train_steps']:.2f}x a training step's"
+            )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

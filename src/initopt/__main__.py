@@ -1,0 +1,5 @@
+import sys
+
+from initopt.cli import main
+
+sys.exit(main())
