@@ -180,7 +180,7 @@ class ScaleSpace:
             if g is None:
                 out.append(torch.zeros((), device=self.device, dtype=self.dtype))
             else:
-                out.append(torch.sum(g * w).to(self.device, self.dtype))
+                out.append(torch.dot(g.reshape(-1), w.reshape(-1)).to(self.device, self.dtype))
         return torch.stack(out)
 
     def as_dict(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

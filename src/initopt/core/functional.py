@@ -11,6 +11,7 @@ module's ``training`` flag on exit, also on exceptions and ``KeyboardInterrupt``
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,19 +40,33 @@ _DROPOUT = {
 
 
 class _NoDropout(TorchFunctionMode):
-    """Makes every dropout the identity, also inside attention (``dropout_p = 0``)."""
+    """Makes every dropout the identity: the ``F.dropout`` family, the ``dropout_p`` of
+    scaled-dot-product attention and of ``F.multi_head_attention_forward``.
+
+    (A function mode is not active inside the functions it intercepts, so functions that
+    call dropout internally are handled by their dropout argument.)
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func in _DROPOUT:
-            x = args[0] if args else kwargs["input"]
-            return x
-        if func is F.scaled_dot_product_attention:
-            if len(args) > 4:
-                args = (*args[:4], 0.0, *args[5:])
+            return args[0] if args else kwargs["input"]
+        position = _DROPOUT_ARG.get(func)
+        if position is not None:
+            if len(args) > position:
+                args = (*args[:position], 0.0, *args[position + 1 :])
             else:
                 kwargs = {**kwargs, "dropout_p": 0.0}
         return func(*args, **kwargs)
+
+
+_DROPOUT_ARG = {F.scaled_dot_product_attention: 4, F.multi_head_attention_forward: 10}
+
+
+# Set inside search_mode: forwards run by an Evaluator then turn every dropout off. The
+# function mode is entered around forwards only, so the bookkeeping between them (norms,
+# scale gradients, optimizer) does not pay its per-call Python cost.
+_DROPOUT_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("initopt_dropout_off", default=False)
 
 
 @contextlib.contextmanager
@@ -69,7 +84,8 @@ def search_mode(model: nn.Module, mode: str = "train") -> Iterator[nn.Module]:
     try:
         model.train(mode == "train")
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_NoDropout())
+            token = _DROPOUT_OFF.set(True)
+            stack.callback(_DROPOUT_OFF.reset, token)
             try:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -118,6 +134,9 @@ class Evaluator:
         """Model output with the blocks' tensors replaced by ``tensors``."""
         state = {"m." + k: v for k, v in self.space.as_dict(tensors).items()}
         state.update(self._buffers)
+        if _DROPOUT_OFF.get():
+            with _NoDropout():
+                return torch.func.functional_call(self._caller, state, (batch,), strict=False)
         return torch.func.functional_call(self._caller, state, (batch,), strict=False)
 
     def loss(self, tensors: list[torch.Tensor], batch: Batch, where: str = "a batch") -> torch.Tensor:
