@@ -14,7 +14,10 @@ def test_bench_gradinit_quick(tmp_path):
     out = tmp_path / "gradinit_cost.json"
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_gradinit.py"), "--quick", "--out", str(out)],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     d = json.loads(out.read_text())
     entry = d["models"]["tiny_mlp"]
@@ -22,3 +25,8 @@ def test_bench_gradinit_quick(tmp_path):
         assert entry[key]["median"] > 0
     assert entry["memory"]["peak_kib_median"]["train_step"] != 0
     assert d["provenance"]["torch"]
+
+
+def test_readme_tables_match_committed_results():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "--check"], capture_output=True)
+    assert r.returncode == 0, r.stdout
