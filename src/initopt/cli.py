@@ -1,179 +1,482 @@
-"""Command line: ``initopt list | init | demo`` (also ``python -m initopt``).
+"""Command line: ``initopt list | diagnose | init | compare | demo`` (also ``python -m initopt``).
 
-Exit codes: 0 success, 1 failure of the run (an :class:`~initopt.InitOptError`), 2 usage error.
+Exit codes: 0 success, 1 failure of the run (an :class:`~initopt.InitOptError` or a file
+that cannot be written), 2 usage error (bad arguments). Method config flags are generated
+from the method's config dataclass, so ``initopt init --method gradinit --help`` lists them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
+import inspect
 import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import initopt
-from initopt.errors import InitOptError
+from initopt.errors import ConfigError, InitOptError
 
-__all__ = ["main"]
+__all__ = ["TASKS", "build_parser", "load_model", "load_task", "main"]
+
+
+class UsageError(InitOptError):
+    """Bad command-line arguments (exit code 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit code 2 with a hint, as argparse does
+    def error(self, message: str) -> typing.NoReturn:
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n(run '{self.prog} --help' for the options)\n")
 
 
-def _config_rows(name: str) -> list[tuple[str, str, Any]]:
-    cls = initopt.get_method(name).Config
-    rows = []
+# ---- tasks and models ------------------------------------------------------------------
+
+TASKS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "help": "scikit-learn 8x8 digits, 64 features, 10 classes",
+        "model": "mlp",
+        "model_args": {"in_features": 64, "depth": 10, "width": 64},
+    },
+    "mnist1d": {
+        "help": "MNIST-1D generated offline, 40 features, 10 classes",
+        "model": "mlp",
+        "model_args": {"in_features": 40, "depth": 10, "width": 64},
+    },
+    "synthetic": {
+        "help": "Gaussian inputs labelled by a random teacher, 32 features, 10 classes",
+        "model": "mlp",
+        "model_args": {"in_features": 32, "depth": 6, "width": 64},
+    },
+    "sequences": {
+        "help": "token sequences (length 16, vocabulary 32), 4 classes",
+        "model": "post_ln_transformer",
+        "model_args": {},
+    },
+    "cifar10": {
+        "help": "CIFAR-10 from a local folder (--data-root; torchvision layout, never downloaded)",
+        "model": "vgg11",
+        "model_args": {},
+    },
+}
+
+
+def load_task(name: str, *, data_root: str | None = None, seed: int = 0) -> tuple[Any, Any]:
+    """``(train, test)`` data sets of a built-in task."""
+    from initopt import data
+
+    if name == "digits":
+        return data.digits(seed=seed)
+    if name == "mnist1d":
+        return data.mnist1d(seed=seed)
+    if name == "synthetic":
+        return data.synthetic_classification(seed=seed)
+    if name == "sequences":
+        return data.synthetic_sequences(seed=seed)
+    if name == "cifar10":
+        if not data_root:
+            raise UsageError("the cifar10 task needs --data-root pointing at a local copy of CIFAR-10")
+        return data.cifar10(data_root)
+    raise UsageError(f"unknown data {name!r}; built-in: {', '.join(TASKS)}")
+
+
+def load_model(spec: str, task: str | None = None, model_args: dict[str, Any] | None = None) -> Callable[[], nn.Module]:
+    """A factory from a zoo name, ``path/to/file.py:factory`` or ``package.module:factory``."""
+    from initopt import zoo
+
+    kwargs = dict(model_args or {})
+    if spec in zoo.MODELS:
+        fn = zoo.MODELS[spec]
+        if task and TASKS.get(task, {}).get("model") == spec:
+            kwargs = {**TASKS[task]["model_args"], **kwargs}
+        elif task in ("digits", "mnist1d", "synthetic") and "in_features" in inspect.signature(fn).parameters:
+            kwargs.setdefault("in_features", TASKS[task]["model_args"]["in_features"])
+    elif ":" in spec:
+        where, _, attr = spec.rpartition(":")
+        if where.endswith(".py"):
+            if not os.path.exists(where):
+                raise UsageError(f"model file not found: {where}")
+            mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            assert mod_spec and mod_spec.loader
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(where)
+            except ImportError as e:
+                raise UsageError(f"cannot import {where!r} for --model {spec!r}: {e}") from None
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            raise UsageError(f"{where} has no callable {attr!r}")
+    else:
+        raise UsageError(
+            f"unknown model {spec!r}: give a built-in name ({', '.join(zoo.MODELS)}), "
+            "path/to/file.py:factory or package.module:factory"
+        )
+
+    def make() -> nn.Module:
+        m = fn(**kwargs)
+        if not isinstance(m, nn.Module):
+            raise UsageError(f"the model factory {spec!r} returned {type(m).__name__}, not an nn.Module")
+        return m
+
+    return make
+
+
+# ---- config flags from the dataclasses ----------------------------------------------------
+
+
+def _field_parser(tp: Any) -> Callable[[str], Any]:
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        inner = _field_parser(args[0])
+        return lambda s: None if s.lower() == "none" else inner(s)
+    if tp is bool:
+        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+    if tp in (int, float, str):
+        return tp
+    return json.loads
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``Attributes:`` entries of a class docstring, continuation lines joined, roles removed."""
+    out: dict[str, str] = {}
+    current = None
+    for line in (inspect.getdoc(cls) or "").splitlines():
+        m = re.match(r"^\s{4}(\w+(?:, \w+)*):\s*(.*)$", line)
+        if m:
+            names = [n.strip() for n in m.group(1).split(",")]
+            current = names
+            for n in names:
+                out[n] = m.group(2)
+        elif current and line.startswith(" " * 8):
+            for n in current:
+                out[n] += " " + line.strip()
+        else:
+            current = None
+    return {k: re.sub(r":\w+:`([^`]*)`", r"\1", v).replace("``", "").replace("\\", "\\") for k, v in out.items()}
+
+
+def config_fields(method: str) -> list[tuple[str, Any, Any, str]]:
+    """(name, type, default, help) for every config field of a method."""
+    cls = initopt.get_method(method).Config
+    hints = typing.get_type_hints(cls)
+    docs = _attribute_docs(cls)
+    out = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        rows.append((f.name, getattr(f.type, "__name__", str(f.type)), default))
-    return rows
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    """Print every registered method with its config fields and defaults."""
-    for name in initopt.methods():
-        cls = initopt.get_method(name)
-        print(f"{name}: {cls.summary}")
-        for field, typ, default in _config_rows(name):
-            print(f"    {field:<16} {typ:<24} default {default!r}")
-    return 0
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _parse_set(pairs: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for item in pairs:
-        if "=" not in item:
-            raise InitOptError(f"--set takes key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v)
+        out.append((f.name, hints.get(f.name, str), default, docs.get(f.name, "")))
     return out
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """GradInit on a deep plain MLP (10 hidden ReLU layers, no normalization) on digits."""
-    from initopt import zoo
-    from initopt.data import digits, loader
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
-    torch.manual_seed(args.seed)
-    train, _ = digits(seed=args.seed)
-    model = zoo.mlp(depth=10, width=64, in_features=64, num_classes=10)
-    print(
-        "initopt demo: GradInit on a 10-hidden-layer plain ReLU MLP (PyTorch default init, no normalization)\n"
-        f"on scikit-learn's digits, batch 64, {args.steps} iterations, scale lr {args.lr}\n"
-    )
-    res = initopt.initialize_(
-        model,
-        loader(train, 64, seed=args.seed),
-        "gradinit",
-        steps=args.steps,
-        lr=args.lr,
-        seed=args.seed,
-        progress=None if not args.quiet else False,
-    )
-    _print_result(res)
+
+def _add_config_flags(p: argparse.ArgumentParser, method: str) -> None:
+    g = p.add_argument_group(f"{method} config (from {initopt.get_method(method).Config.__name__})")
+    for name, tp, default, help_ in config_fields(method):
+        if name == "steps":
+            continue
+        g.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"cfg_{name}",
+            type=_field_parser(tp),
+            default=None,
+            metavar=_type_name(tp).upper().replace(" ", ""),
+            help=f"{help_} (default {default!r})",
+        )
+
+
+def _read_config_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    if not os.path.exists(path):
+        raise UsageError(f"config file not found: {path}")
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover
+            raise UsageError("YAML config files need pyyaml: pip install pyyaml") from e
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of config fields")
+    return data
+
+
+def _method_config(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = _read_config_file(getattr(args, "config", None))
+    cfg.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None})
+    return cfg
+
+
+# ---- commands --------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Every registered method with its config fields, defaults and a description."""
+    for name in initopt.methods():
+        cls = initopt.get_method(name)
+        print(f"{name}: {cls.summary}")
+        for field, tp, default, help_ in config_fields(name):
+            print(f"    --{field.replace('_', '-'):<18} {_type_name(tp):<22} {default!r:<14} {help_}")
+        print()
     return 0
 
 
-def _print_result(res: initopt.InitResult) -> None:
-    n_con = sum(h.get("branch") == "constraint" for h in res.history)
-    print(f"{res.method}: {len(res.history)} iterations ({n_con} constraint steps) in {res.seconds:.2f} s\n")
-    keys = sorted(set(res.before) | set(res.after))
-    if keys:
-        print(f"{'measure':<18}{'before':>12}{'after':>12}")
-        for k in keys:
-            print(f"{k:<18}{res.before.get(k, float('nan')):>12.5f}{res.after.get(k, float('nan')):>12.5f}")
-        print()
-    if res.scales:
-        width = max(len(n) for n in res.scales)
-        print(f"{'parameter':<{width}}  scale")
-        for n, s in res.scales.items():
-            print(f"{n:<{width}}  {s:.4f}")
-    if res.unscalable:
-        print(f"\nunscalable (norm 0, stay 0): {', '.join(res.unscalable)}")
+def _data_and_model(args: argparse.Namespace) -> tuple[Callable[[], nn.Module], Any, Any]:
+    train, test = load_task(args.data, data_root=args.data_root, seed=args.seed)
+    model_name = args.model or TASKS[args.data]["model"]
+    make = load_model(model_name, args.data, _parse_pairs(args.model_arg, "--model-arg"))
+    return make, train, test
+
+
+def _parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    out = {}
+    for item in pairs:
+        if "=" not in item:
+            raise UsageError(f"{flag} takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+def _write_json(path: str, obj: Any) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    return path
+
+
+def save_weights(model: nn.Module, path: str) -> str:
+    """``.safetensors`` (ties stored once) or a plain ``state_dict`` for ``torch.load(weights_only=True)``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import save_model
+        except ImportError as e:  # pragma: no cover
+            raise InitOptError("safetensors output needs the safetensors package") from e
+        save_model(model, path)
+    else:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return path
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    """Run a method on a zoo model and built-in data; write weights and the result JSON."""
-    from initopt import zoo
-    from initopt.data import digits, loader
+    """Run a method; write the initialized weights and the result JSON."""
+    from initopt.data import loader
 
+    make, train, _ = _data_and_model(args)
     torch.manual_seed(args.seed)
-    model = zoo.build(args.model, **_parse_set(args.model_arg))
-    train, _ = digits(seed=args.seed)
-    config = _parse_set(args.set)
+    model = make()
     res = initopt.initialize_(
         model,
         loader(train, args.batch_size, seed=args.seed),
         args.method,
         steps=args.steps,
         seed=args.seed,
-        progress=None if not args.quiet else False,
-        **config,
+        progress=False if args.quiet else None,
+        **_method_config(args),
     )
-    _print_result(res)
-    if args.out:
-        torch.save(model.state_dict(), args.out)
-        print(f"\nweights written to {args.out}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res.to_dict(), f, indent=2)
-        print(f"result written to {args.json}")
+    if not args.quiet:
+        print(res.summary())
+    out = Path(args.out_dir)
+    _say(args, f"weights: {save_weights(model, str(out / args.weights))}")
+    _say(args, f"result:  {_write_json(str(out / 'result.json'), res.to_dict())}")
+    if args.plot:
+        from initopt.plots import plot_history, plot_scales
+
+        _say(args, f"plot:    {plot_scales(res, str(out / 'scales.png'))}")
+        if res.history:
+            _say(args, f"plot:    {plot_history(res, str(out / 'history.png'))}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train from several initializations over several seeds; table, curves and plot."""
+    from initopt.compare import compare, parse_init
+
+    make, train, test = _data_and_model(args)
+    inits = [parse_init(s) for s in args.inits]
+    for _, spec in inits:
+        for part in spec if isinstance(spec, list) else [spec]:
+            name = part if isinstance(part, str) else part[0]
+            if name != "default":
+                initopt.get_method(name)
+    report = compare(
+        make,
+        train,
+        test,
+        inits,
+        seeds=args.seeds,
+        steps=args.train_steps,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        init_steps=args.init_steps,
+        progress=False if args.quiet else None,
+        log=None if args.quiet else print,
+    )
+    report.config.update(data=args.data, model=args.model or TASKS[args.data]["model"])
+    print(report.to_markdown())
+    out = Path(args.out_dir)
+    _say(args, f"\nresults: {_write_json(str(out / 'compare.json'), report.to_dict())}")
+    (out / "curves.csv").write_text(report.to_csv())
+    _say(args, f"curves:  {out / 'curves.csv'}")
+    if not args.no_plot:
+        _say(args, f"plot:    {report.plot(str(out / 'curves.png'))}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """The diagnostic report of a model at initialization."""
+    from initopt.data import loader
+
+    make, train, _ = _data_and_model(args)
+    torch.manual_seed(args.seed)
+    model = make()
+    report = initopt.diagnose(model, loader(train, args.batch_size, seed=args.seed), probes=args.probes)
+    print(report.to_markdown())
+    if args.json:
+        _say(args, f"\nreport: {_write_json(args.json, report.to_dict())}")
+    return 0
+
+
+DEMO_INITS = ["default", "gradinit:lr=0.05", "metainit", "nio", "hessian"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``compare`` on digits with a deep plain MLP: about a minute on 2 CPU cores."""
+    inits = [i for i in DEMO_INITS if i.split(":")[0] in ("default", *initopt.methods())]
+    print(
+        "initopt demo: a 10-hidden-layer plain ReLU MLP (PyTorch default init, no normalization) on\n"
+        f"scikit-learn's digits, trained by SGD from {len(inits)} initializations, {len(args.seeds)} seeds each.\n"
+    )
+    args.inits, args.model, args.model_arg, args.data_root = inits, None, [], None
+    return cmd_compare(args)
+
+
+def _common(p: argparse.ArgumentParser, *, batch: int = 64) -> None:
+    p.add_argument("--data", default="digits", choices=list(TASKS), help="built-in data set (default digits)")
+    p.add_argument("--data-root", help="folder with local data (cifar10)")
+    p.add_argument(
+        "--model", help="zoo name, path/to/file.py:factory or package.module:factory (default: the data set's model)"
+    )
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="argument of the factory")
+    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the final summary")
+
+
+def _compare_flags(p: argparse.ArgumentParser, *, steps: int, seeds: list[int], out: str) -> None:
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    p.add_argument("--train-steps", type=int, default=steps, help="SGD/Adam steps per run")
+    p.add_argument("--init-steps", type=int, default=None, help="iterations of each method (default: its own)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--lr", type=float, default=0.05, help="training learning rate")
+    p.add_argument("--out-dir", default=out)
+    p.add_argument("--no-plot", action="store_true")
+
+
+def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog="initopt", description="Find better starting weights for PyTorch networks.")
     p.add_argument("--version", action="version", version=f"initopt {initopt.__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("list", help="registered methods with their config fields and defaults")
+    s = sub.add_parser("list", help="methods with their config fields and defaults")
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("demo", help="GradInit on a deep plain MLP on digits (about 10 s on 2 CPU cores)")
-    s.add_argument("--steps", type=int, default=150)
-    s.add_argument("--lr", type=float, default=0.05)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("diagnose", help="per-layer and whole-model diagnostics at initialization")
+    _common(s)
+    s.add_argument("--probes", type=int, default=20, help="Hutchinson probes / Lanczos steps")
+    s.add_argument("--json", help="write the report JSON here")
+    s.set_defaults(func=cmd_diagnose)
 
-    s = sub.add_parser("init", help="run a method on a built-in model and the digits data")
-    s.add_argument("--method", default="gradinit")
-    s.add_argument("--model", default="mlp", help="built-in model name (see initopt.zoo.MODELS)")
-    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field")
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="write the initialized state_dict here (torch.save; weights_only loadable)")
-    s.add_argument("--json", help="write the result JSON here")
-    s.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("init", help="run a method; write weights and the result JSON")
+    s.add_argument("--method", default=method or "gradinit", help=f"one of {', '.join(initopt.methods())}")
+    _common(s)
+    s.add_argument("--steps", type=int, default=None, help="iterations (default: the method's)")
+    s.add_argument("--config", help="JSON or YAML file of config fields (flags override it)")
+    s.add_argument("--out-dir", default="initopt-out")
+    s.add_argument("--weights", default="weights.pt", help="file name: .pt (state_dict) or .safetensors")
+    s.add_argument("--plot", action="store_true", help="also write scales.png and history.png")
+    if method is not None:
+        _add_config_flags(s, method)
     s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("compare", help="train from several initializations over several seeds")
+    _common(s)
+    s.add_argument(
+        "--inits",
+        nargs="+",
+        default=["default", "gradinit"],
+        help="'default', a method, 'name:key=value,...' or 'a+b' pipelines",
+    )
+    _compare_flags(s, steps=200, seeds=[0, 1, 2], out="initopt-compare")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("demo", help="compare on digits with a deep plain MLP (about a minute on 2 cores)")
+    _common(s)
+    _compare_flags(s, steps=150, seeds=[0, 1, 2], out="initopt-demo")
+    s.set_defaults(func=cmd_demo, data="digits")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``initopt`` command."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    method = None
+    if argv and argv[0] == "init":
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--method", default="gradinit")
+        known, _ = pre.parse_known_args(argv[1:])
+        method = known.method if known.method in initopt.methods() else None
+        if method is None:
+            print(
+                f"initopt init: error: unknown method {known.method!r}; one of {', '.join(initopt.methods())}",
+                file=sys.stderr,
+            )
+            return 2
+    args = build_parser(method).parse_args(argv)
     try:
         return int(args.func(args))
-    except InitOptError as e:
-        print(f"initopt: error: {e}", file=sys.stderr)
+    except UsageError as e:
+        print(f"initopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(
+            f"initopt {args.command}: error: {e}\n(see 'initopt list' for the methods and their fields)",
+            file=sys.stderr,
+        )
+        return 2
+    except (InitOptError, OSError) as e:
+        print(f"initopt {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("initopt: interrupted; the model was left unchanged", file=sys.stderr)
+        print("initopt: interrupted; nothing was written for the unfinished run", file=sys.stderr)
         return 130
 
 

@@ -11,7 +11,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from initopt.errors import DataError
 
-__all__ = ["digits", "loader", "synthetic_classification", "synthetic_sequences"]
+__all__ = [
+    "cifar10",
+    "digits",
+    "loader",
+    "mnist1d",
+    "synthetic_classification",
+    "synthetic_sequences",
+]
 
 
 def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -35,6 +42,62 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, Te
     mean, std = x[train_idx].mean(0), x[train_idx].std(0).clamp_min(1.0)
     x = (x - mean) / std
     return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+
+
+def mnist1d(num_samples: int = 4000, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """MNIST-1D (Greydanus 2020): 40-point 1-D signals, 10 classes, generated offline.
+
+    Needs the ``mnist1d`` package, whose generator rebuilds the data set from its built-in
+    templates (no download). 80 % / 20 % train/test split, as the generator makes it.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:  # pragma: no cover - optional extra
+        raise DataError("the MNIST-1D data set needs the mnist1d package: pip install mnist1d") from e
+    args = get_dataset_args()
+    args.num_samples = int(num_samples)
+    args.seed = int(seed)
+    d = make_dataset(args)
+    x, xt = torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["x_test"], dtype=torch.float32)
+    mean, std = x.mean(), x.std()
+    return (
+        TensorDataset((x - mean) / std, torch.tensor(d["y"], dtype=torch.long)),
+        TensorDataset((xt - mean) / std, torch.tensor(d["y_test"], dtype=torch.long)),
+    )
+
+
+def cifar10(root: str) -> tuple[TensorDataset, TensorDataset]:
+    """CIFAR-10 from a local folder in torchvision's layout (``root/cifar-10-batches-py``).
+
+    Nothing is downloaded: the folder must already hold the data. Reads the pickled batches
+    directly (no torchvision needed) and normalizes with the training set's channel statistics.
+    """
+    import os
+    import pickle
+
+    base = os.path.join(root, "cifar-10-batches-py")
+    if not os.path.isdir(base):
+        raise DataError(
+            f"no CIFAR-10 data under {root!r}: expected the folder {base!r} (torchvision's layout); "
+            "download it on a machine with a network, e.g. torchvision.datasets.CIFAR10(root, download=True)"
+        )
+
+    def read(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for n in names:
+            path = os.path.join(base, n)
+            if not os.path.exists(path):
+                raise DataError(f"CIFAR-10 file missing: {path}")
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            xs.append(torch.as_tensor(d["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(d["labels"], dtype=torch.long))
+        return torch.cat(xs).float() / 255.0, torch.cat(ys)
+
+    x, y = read([f"data_batch_{i}" for i in range(1, 6)])
+    xt, yt = read(["test_batch"])
+    mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
+    return TensorDataset((x - mean) / std, y), TensorDataset((xt - mean) / std, yt)
 
 
 def synthetic_classification(
