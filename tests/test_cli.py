@@ -216,3 +216,25 @@ def test_python_dash_m_and_console_script(tmp_path):
     if exe.exists():
         r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "initopt" in r.stdout
+
+
+def test_demo_small_version(tmp_path, capsys):
+    rc = main(
+        [
+            "demo",
+            "--seeds",
+            "0",
+            "--train-steps",
+            "5",
+            "--init-steps",
+            "2",
+            "--quiet",
+            "--no-plot",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "lookahead_loss" in out and "| default |" in out and "| gradinit:lr=0.05 |" in out
+    assert json.loads((tmp_path / "compare.json").read_text())["summary"]
