@@ -123,7 +123,10 @@ class GradInit(Method):
 
     def grad_norm(self, g: list[torch.Tensor]) -> torch.Tensor:
         """:math:`\\|g\\|_2` (``sgd``) or :math:`\\|g\\|_1` (``adam``), differentiable."""
-        if self.config.target == "adam":
+        p = 1 if self.config.target == "adam" else 2
+        if not any(x.requires_grad for x in g):  # first-order pass: one fused kernel
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g, p)), p)
+        if p == 1:
             return torch.stack([x.abs().sum() for x in g]).sum()
         return torch.stack([x.pow(2).sum() for x in g]).sum().sqrt()
 
