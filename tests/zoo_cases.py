@@ -48,6 +48,8 @@ MODEL_CASES = [
 METHOD_CASES: list[tuple[str, dict[str, Any], int]] = [
     ("gradinit", {"lr": 0.05}, 4),
     ("gradinit", {"target": "adam", "gamma": 1e4, "eta": 1e-3, "max_gain_scale": 100.0}, 3),
+    ("hessian", {}, 2),
+    ("nio", {"num_splits": 2, "lr": 0.05}, 3),
 ]
 
 

@@ -8,24 +8,64 @@ True
 
 from initopt.api import initialize_
 from initopt.core.blocks import apply_scales_
+from initopt.diagnostics.cosine import GradCosine, grad_cosine
+from initopt.diagnostics.hessian import (
+    HessianTracker,
+    hessian_eigenvalues,
+    hessian_frobenius,
+    hessian_spectral_density,
+    hessian_trace,
+)
+from initopt.diagnostics.quotient import GradientQuotient, gradient_quotient
+from initopt.diagnostics.report import Report, diagnose
 from initopt.errors import ConfigError, DataError, InitOptError, LossError, ModelError
-from initopt.methods import GradInit, GradInitConfig, Method, get_method, methods, register
+from initopt.methods import (
+    NIO,
+    GradInit,
+    GradInitConfig,
+    HessianInit,
+    HessianInitConfig,
+    MetaInit,
+    MetaInitConfig,
+    Method,
+    NIOConfig,
+    get_method,
+    methods,
+    register,
+)
 from initopt.result import InitResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NIO",
     "ConfigError",
     "DataError",
+    "GradCosine",
     "GradInit",
     "GradInitConfig",
+    "GradientQuotient",
+    "HessianInit",
+    "HessianInitConfig",
+    "HessianTracker",
     "InitOptError",
     "InitResult",
     "LossError",
+    "MetaInit",
+    "MetaInitConfig",
     "Method",
     "ModelError",
+    "NIOConfig",
+    "Report",
     "apply_scales_",
+    "diagnose",
     "get_method",
+    "grad_cosine",
+    "gradient_quotient",
+    "hessian_eigenvalues",
+    "hessian_frobenius",
+    "hessian_spectral_density",
+    "hessian_trace",
     "initialize_",
     "methods",
     "register",

@@ -1,0 +1,400 @@
+"""Cost of GradCosine and of one NIO iteration.
+
+Claims:
+1. Sample-wise GradCosine at batch 64 is >= 10x faster than a Python loop over examples (one
+   forward and backward per example) on an MLP and on a small CNN, and equal to it within 1e-6.
+   ``torch.func.vmap`` over ``grad`` alone is reported too.
+2. One NIO iteration (B-GC over D sub-batches, double backward) on VGG-11 without BatchNorm at
+   batch 64 (3x32x32) costs <= 4 SGD training steps of the same model and batch for D = 2
+   (reported for D = 2 and D = 4, with the accelerated engine and with plain autograd).
+3. Peak memory of an NIO iteration as a multiple of a training step's.
+
+Method: one process, ``torch.set_num_threads(1)`` unless ``--threads``. Workloads are
+interleaved over ``--repeats`` rounds; each round takes the median of ``--iters`` calls of
+each workload; ratios are per round, reported as median and mean ± std over rounds. A
+training step is forward, cross-entropy, backward, ``SGD.step``, ``zero_grad``. An NIO
+iteration is the per-iteration wall time that ``initopt.initialize_(..., "nio")`` records
+(sub-batch forwards, gradients, B-GC/B-GN, derivative with respect to the scales, scale
+update); the one-time engine plan is reported separately. Sample-wise GC is the public
+``initopt.grad_cosine(model, batch)`` call (plan included). Peak memory: each workload runs
+alone in a fresh subprocess; kernel RSS high-water mark (reset before) minus RSS before it.
+
+Run: ``python benchmarks/bench_nio.py`` (full) or ``--quick`` (seconds; used by the tests).
+Writes ``benchmarks/results/nio_cost.json`` and ``nio_cost.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import initopt
+from initopt import zoo
+
+HERE = Path(__file__).resolve().parent
+
+# name: (factory, input shape)
+SAMPLE_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp": (lambda: zoo.mlp(depth=8, width=64, in_features=64), (64,)),
+    "small_cnn": (lambda: zoo.cnn(channels=(8, 16)), (3, 8, 8)),
+    "cnn_16x16": (lambda: zoo.cnn(channels=(8, 16)), (3, 16, 16)),
+    "cnn_32x32": (lambda: zoo.cnn(channels=(16, 32)), (3, 32, 32)),
+    "tiny_mlp": (lambda: zoo.mlp(depth=2, width=16, in_features=8), (8,)),
+    "tiny_cnn": (lambda: zoo.cnn(channels=(4, 8)), (3, 8, 8)),
+}
+NIO_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "vgg11_nobn": (lambda: zoo.vgg11(batchnorm=False), (3, 32, 32)),
+    "tiny_cnn": (lambda: zoo.cnn(channels=(4, 8)), (3, 8, 8)),
+}
+
+
+def make_batches(shape: tuple[int, ...], batch: int, n: int = 4, seed: int = 0, dtype=torch.float32) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, *shape, generator=g, dtype=dtype), torch.randint(0, 10, (batch,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(xs),
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "n": len(xs),
+    }
+
+
+def _median_time(fn: Callable[[], Any], iters: int) -> float:
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ---- 1. sample-wise GradCosine ------------------------------------------------------------
+
+
+def loop_gc(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], eps: float = 1e-8) -> tuple[float, list]:
+    """The baseline a user would write: one forward and backward per example (eval mode)."""
+    x, y = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        rows = []
+        for i in range(len(x)):
+            g = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+            rows.append(torch.cat([t.reshape(-1) for t in g]))
+    finally:
+        for m, f in zip(model.modules(), flags, strict=True):
+            m.training = f
+    gm = torch.stack(rows)
+    gram = (gm @ gm.T).double()
+    n = gram.diagonal().sqrt()
+    cos = gram / (n[:, None] * n[None, :] + eps)
+    b = len(x)
+    return float((cos.sum() - cos.diagonal().sum()) / (b * (b - 1))), n.tolist()
+
+
+def measure_sample(name: str, batch: int, iters: int, repeats: int) -> dict[str, Any]:
+    make, shape = SAMPLE_MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    data = make_batches(shape, batch, n=1)[0]
+    fns = {
+        "loop": lambda: loop_gc(model, data),
+        "vmap": lambda: initopt.grad_cosine(model, data, accelerate=False),
+        "initopt": lambda: initopt.grad_cosine(model, data),
+    }
+    for fn in fns.values():
+        fn()
+    rounds: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            rounds[k].append(_median_time(fn, iters))
+    out: dict[str, Any] = {"seconds_median": {k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds}
+    for k in ("initopt", "vmap"):
+        out[f"speedup_{k}_vs_loop"] = summary([a / b for a, b in zip(rounds["loop"], rounds[k], strict=True)])
+    # equality, float32 and float64
+    eq = {}
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(model).to(dtype)
+        d = (data[0].to(dtype), data[1])
+        ref_gc, ref_n = loop_gc(m, d)
+        fast = initopt.grad_cosine(m, d)
+        slow = initopt.grad_cosine(m, d, accelerate=False)
+        eq[str(dtype).replace("torch.", "")] = {
+            "gc_loop": ref_gc,
+            "gc_initopt": fast.gc,
+            "abs_diff_gc_initopt": abs(fast.gc - ref_gc),
+            "abs_diff_gc_vmap": abs(slow.gc - ref_gc),
+            "max_rel_diff_norms_initopt": max(
+                abs(a - b) / max(b, 1e-30) for a, b in zip(fast.norms, ref_n, strict=True)
+            ),
+        }
+    out["equality"] = eq
+    out["accelerated_tensors"] = list(initopt.grad_cosine(model, data).accelerated)
+    return out
+
+
+# ---- 2. NIO iteration vs training step ----------------------------------------------------
+
+
+def time_train_steps(model: nn.Module, batches: list, iters: int) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+    out = []
+    for i in range(iters):
+        x, y = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_nio(model: nn.Module, batches: list, iters: int, d: int, accelerate: bool) -> initopt.InitResult:
+    return initopt.initialize_(
+        copy.deepcopy(model), batches, "nio", steps=iters, num_splits=d, accelerate=accelerate, progress=False
+    )
+
+
+NIO_WORKLOADS = {"nio_d2": (2, True), "nio_d4": (4, True), "nio_d2_plain": (2, False), "nio_d4_plain": (4, False)}
+
+
+def measure_nio(name: str, batch: int, iters: int, repeats: int) -> dict[str, Any]:
+    make, shape = NIO_MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    batches = make_batches(shape, batch)
+    time_train_steps(copy.deepcopy(model), batches, 2)
+    for d, acc in NIO_WORKLOADS.values():
+        run_nio(model, batches, 1, d, acc)
+    rounds: dict[str, list[float]] = {"train_step": [], **{k: [] for k in NIO_WORKLOADS}}
+    setup: dict[str, list[float]] = {k: [] for k in NIO_WORKLOADS}
+    branches: dict[str, list[str]] = {k: [] for k in NIO_WORKLOADS}
+    for _ in range(repeats):
+        rounds["train_step"].append(statistics.median(time_train_steps(copy.deepcopy(model), batches, iters)))
+        for k, (d, acc) in NIO_WORKLOADS.items():
+            res = run_nio(model, batches, iters, d, acc)
+            per = [h["seconds"] for h in res.history]
+            rounds[k].append(statistics.median(per))
+            setup[k].append(res.seconds - sum(per))
+            branches[k] += [h["branch"] for h in res.history]
+    out: dict[str, Any] = {"seconds_median": {k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds}
+    for k in NIO_WORKLOADS:
+        out[f"{k}_in_train_steps"] = summary([a / b for a, b in zip(rounds[k], rounds["train_step"], strict=True)])
+        out[f"{k}_setup_in_train_steps"] = statistics.median(setup[k]) / statistics.median(rounds["train_step"])
+        out[f"{k}_branches"] = {b: branches[k].count(b) for b in sorted(set(branches[k]))}
+    return out
+
+
+# ---- 3. peak memory ---------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(name: str, batch: int, workload: str) -> int:
+    """Peak RSS (KiB) of the workload above the RSS before it, in this fresh process."""
+    make, shape = NIO_MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    batches = make_batches(shape, batch)
+    # one-time imports and lazy initializations outside the measure
+    tiny, tiny_shape = NIO_MODELS["tiny_cnn"]
+    tiny_batches = make_batches(tiny_shape, 4, n=2)
+    time_train_steps(tiny(), tiny_batches, 1)
+    run_nio(tiny(), tiny_batches, 1, 2, True)
+    run_nio(tiny(), tiny_batches, 1, 2, False)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        peak = lambda: _status_kib("VmHWM")  # noqa: E731
+    except OSError:  # pragma: no cover - not Linux
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
+    before = _status_kib("VmRSS")
+    if workload == "train_step":
+        time_train_steps(model, batches, 3)
+    else:
+        d, acc = NIO_WORKLOADS[workload]
+        run_nio(model, batches, 3, d, acc)
+    return peak() - before
+
+
+def measure_memory(name: str, batch: int, threads: int, probes: int, workloads: list[str]) -> dict[str, Any]:
+    peaks: dict[str, list[int]] = {"train_step": [], **{k: [] for k in workloads}}
+    for _ in range(probes):
+        for workload in peaks:
+            cmd = [sys.executable, __file__, "--_probe", name, str(batch), workload, "--threads", str(threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            peaks[workload].append(int(r.stdout.strip().splitlines()[-1]))
+    med = {k: statistics.median(v) for k, v in peaks.items()}
+    base = max(med["train_step"], 1)
+    return {
+        "peak_kib_median": med,
+        "peak_kib_probes": peaks,
+        **{f"{k}_in_train_steps": med[k] / base for k in workloads},
+        "method": "fresh subprocess per workload and probe; kernel RSS high-water mark (VmHWM, reset before) minus "
+        "RSS before the workload (NIO: initialize_ with 3 iterations incl. plan and measures; train: 3 steps); "
+        "median of probes",
+    }
+
+
+# ---- driver -------------------------------------------------------------------------------
+
+
+def provenance(threads: int) -> dict[str, Any]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        )
+    except OSError:  # pragma: no cover
+        rev, dirty = "unknown", True
+    return {
+        "torch": torch.__version__,
+        "initopt": initopt.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": threads,
+        "git_revision": rev,
+        "git_dirty": dirty,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax = axes[0]
+    names = list(result["sample_wise"])
+    for j, k in enumerate(("initopt", "vmap")):
+        vals = [result["sample_wise"][n][f"speedup_{k}_vs_loop"] for n in names]
+        ax.bar(
+            [i + 0.38 * j for i in range(len(names))],
+            [v["median"] for v in vals],
+            0.36,
+            yerr=[v["std"] for v in vals],
+            label="Gram engine" if k == "initopt" else "vmap(grad) only",
+        )
+    ax.axhline(10, color="k", ls="--", lw=0.8)
+    ax.set_xticks([i + 0.19 for i in range(len(names))], names)
+    ax.set_ylabel("speed-up over a loop over examples")
+    ax.set_title(f"sample-wise GradCosine, batch {result['config']['sample_batch']}")
+    ax.legend()
+    ax = axes[1]
+    ax.set_prop_cycle(None)
+    for name, entry in result["nio"].items():
+        keys = list(NIO_WORKLOADS)
+        vals = [entry[f"{k}_in_train_steps"] for k in keys]
+        ax.bar(range(len(keys)), [v["median"] for v in vals], yerr=[v["std"] for v in vals], label=name)
+        ax.set_xticks(range(len(keys)), [k.replace("nio_", "") for k in keys])
+    ax.axhline(4, color="k", ls="--", lw=0.8)
+    ax.set_ylabel("one NIO iteration / one SGD step")
+    ax.set_title(f"NIO iteration cost, batch {result['config']['nio_batch']}")
+    if result["nio"]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models, few iterations (seconds)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--nio-batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sample-models", nargs="*", default=["mlp", "small_cnn", "cnn_16x16", "cnn_32x32"])
+    p.add_argument("--nio-models", nargs="*", default=["vgg11_nobn"])
+    p.add_argument("--out", default=str(HERE / "results" / "nio_cost.json"))
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--_probe", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args._probe:
+        name, batch, workload = args._probe
+        print(memory_probe(name, int(batch), workload))
+        return {}
+    if args.quick:
+        args.sample_models, args.nio_models = ["tiny_mlp", "tiny_cnn"], ["tiny_cnn"]
+        args.repeats, args.iters, args.sample_batch, args.nio_batch = 2, 2, 16, 16
+    result: dict[str, Any] = {
+        "claim": "sample-wise GradCosine >= 10x faster than a loop over examples and equal within 1e-6; "
+        "one NIO iteration (D=2) on VGG-11 without BN at batch 64 <= 4 SGD training steps",
+        "config": {
+            "sample_batch": args.sample_batch,
+            "nio_batch": args.nio_batch,
+            "iters": args.iters,
+            "repeats": args.repeats,
+            "sample_models": args.sample_models,
+            "nio_models": args.nio_models,
+        },
+        "provenance": provenance(args.threads),
+        "sample_wise": {},
+        "nio": {},
+    }
+    for name in args.sample_models:
+        print(f"[sample-wise GC] {name} batch {args.sample_batch} ...", flush=True)
+        e = measure_sample(name, args.sample_batch, args.iters, args.repeats)
+        result["sample_wise"][name] = e
+        s, v = e["speedup_initopt_vs_loop"], e["speedup_vmap_vs_loop"]
+        diff = e["equality"]["float32"]["abs_diff_gc_initopt"]
+        print(
+            f"  Gram engine {s['median']:.1f}x (± {s['std']:.1f}), vmap only {v['median']:.1f}x; |dGC| f32 {diff:.1e}"
+        )
+    for name in args.nio_models:
+        print(f"[NIO iteration] {name} batch {args.nio_batch} ...", flush=True)
+        e = measure_nio(name, args.nio_batch, args.iters, args.repeats)
+        if not args.no_memory:
+            workloads = ["nio_d2"] if args.quick else list(NIO_WORKLOADS)
+            e["memory"] = measure_memory(name, args.nio_batch, args.threads, 1 if args.quick else 3, workloads)
+        result["nio"][name] = e
+        for k in NIO_WORKLOADS:
+            r = e[f"{k}_in_train_steps"]
+            mem = e.get("memory", {}).get(f"{k}_in_train_steps")
+            mem = "" if mem is None else f", peak memory {mem:.2f}x"
+            print(f"  {k:<13} {r['median']:.2f} train steps (mean {r['mean']:.2f} ± {r['std']:.2f}){mem}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

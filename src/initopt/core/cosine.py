@@ -1,0 +1,862 @@
+"""GradCosine: how well the gradients of different examples agree.
+
+Yang, Wang, Yuan, Lin, "Towards Theoretically Inspired Neural Initialization Optimization",
+NeurIPS 2022, arXiv:2210.05956 (NIO). For groups of examples :math:`k = 1..D` (single
+examples, or D disjoint sub-batches) with gradients :math:`G_k = \\nabla_\\theta L_k`,
+everything is read off the Gram matrix :math:`\\Gamma_{kl} = \\langle G_k, G_l\\rangle`:
+
+.. math::
+
+    \\mathrm{GC} = \\frac{1}{D(D-1)} \\sum_{k \\ne l}
+        \\frac{\\Gamma_{kl}}{\\|G_k\\|\\,\\|G_l\\| + \\epsilon}, \\qquad
+    \\mathrm{GN} = \\frac{1}{D} \\sum_k \\|G_k\\|, \\qquad \\|G_k\\| = \\sqrt{\\Gamma_{kk}}.
+
+With :math:`\\epsilon > 0` a zero group gradient gives a finite GC (and finite gradients of
+it); the released code has no :math:`\\epsilon`. Sample-wise GC is the case where every
+group is one example, :math:`L_k = \\ell(x_k, y_k)` (the loss on the batch of that one
+example); batch-wise B-GC / B-GN take D contiguous disjoint sub-batches.
+
+Two engines compute :math:`\\Gamma`, both exact:
+
+* :func:`subbatch_gram` — one forward per group (BatchNorm in training mode uses each
+  group's own batch statistics), one backward, and it is differentiable (``create_graph``)
+  for NIO's search over the scales :math:`\\alpha`.
+* :func:`sample_gram` — per-example gradients from one forward and one backward of the
+  summed per-example losses (read-only; the model must treat the examples of a batch
+  independently, e.g. BatchNorm in eval mode).
+
+**Accelerated layers.** For ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (zero padding mode,
+any stride, dilation and groups) the weight gradient of a group is
+:math:`G = \\sum_{p} \\delta_p u_p^\\top` over the positions p of its examples, with
+:math:`\\delta` the gradient at the layer output and :math:`u` the input (unfolded patches for
+a convolution), both captured by forward hooks. Hence per-example Gram entries
+:math:`\\langle g_i, g_j\\rangle = \\sum_{p,q} (\\delta_{ip}\\cdot\\delta_{jq})(u_{ip}\\cdot u_{jq})`,
+i.e. :math:`\\sum_\\text{layers} (\\Delta\\Delta^\\top)\\odot(AA^\\top)` summed over position
+blocks, without materializing per-example gradients; per layer the engine takes this
+identity or materializes the per-example gradients in chunks (a batched matrix product, or
+``vmap`` of the convolution's weight gradient), whichever costs fewer flops (the identity
+wins for dense layers and small feature maps). In the
+differentiable sub-batch engine the layer's scale enters as a scalar on its output,
+:math:`z = \\alpha_W (W^0 * x) + \\alpha_b b^0`, so that the double backward never forms a
+weight gradient, and the group gradients' Gram has a hand-written backward (convolutions
+by one transposed and one forward convolution).
+
+Every other trainable tensor (embeddings, norm-layer gains, raw ``nn.Parameter`` s such as
+``MultiheadAttention.in_proj_weight``, tied tensors, layers whose weight is also used
+outside their own call) falls back to plain autograd per group (sub-batch engine) or to
+``torch.func.vmap`` over ``torch.func.grad`` in chunks (sample engine). Which layers are
+accelerated is decided by :func:`build_plan` (once per NIO search; inline, in the same
+forward and backward, for :func:`sample_gram`), which checks on a real batch that the
+hooked layers reproduce autograd's summed gradients (relative error <= 1e-4 in float32,
+1e-9 in float64; otherwise the layer falls back) and, with ``verify_scaling``, that the
+output-scaled evaluation equals the plain one at scales away from 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
+
+from initopt.core.batches import Batch, batch_size, check_loss
+from initopt.core.functional import Evaluator
+from initopt.errors import LossError, ModelError
+
+__all__ = [
+    "GramPlan",
+    "build_plan",
+    "cosine_from_gram",
+    "gram_of",
+    "norms_and_gc",
+    "sample_gram",
+    "subbatch_gram",
+]
+
+# largest intermediate tensor (elements) the sample engine builds at once
+_BUDGET = 1 << 25
+
+
+# ---- GC and GN from a Gram matrix --------------------------------------------------------
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """:math:`\\sqrt{\\max(x, 0)}` with gradient 0 (not NaN) where :math:`x = 0`."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def cosine_from_gram(gram: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """GC and the gradient norms from the D x D Gram matrix of group gradients.
+
+    .. math::
+
+        \\mathrm{GC} = \\frac{1}{D(D-1)}\\sum_{k\\ne l}\\frac{\\Gamma_{kl}}{\\|G_k\\|\\|G_l\\|+\\epsilon}
+
+    Differentiable, also where a group gradient is 0.
+
+    Returns:
+        ``(gc, norms)``: a 0-d tensor and the D norms :math:`\\|G_k\\|`.
+
+    Example:
+        >>> g = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        >>> gc, norms = cosine_from_gram(g @ g.T, eps=0.0)
+        >>> round(float(gc), 4), [round(float(n), 4) for n in norms]
+        (0.7071, [1.0, 1.4142])
+    """
+    d = gram.shape[0]
+    if gram.ndim != 2 or gram.shape[1] != d or d < 2:
+        raise ValueError(f"need a D x D Gram matrix with D >= 2, got shape {tuple(gram.shape)}")
+    norms = _safe_sqrt(gram.diagonal())
+    cos = gram / (norms[:, None] * norms[None, :] + eps)
+    gc = (cos.sum() - cos.diagonal().sum()) / (d * (d - 1))
+    return gc, norms
+
+
+class _StackGram(torch.autograd.Function):
+    """:math:`\\Gamma = G G^\\top` of D same-shaped tensors, with backward :math:`(S+S^\\top) G`
+    (faster than autograd through ``stack`` and a skinny ``mm``)."""
+
+    @staticmethod
+    def forward(ctx: Any, *gs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        m = torch.stack([g.reshape(-1) for g in gs])
+        ctx.save_for_backward(m)
+        ctx.shape = gs[0].shape
+        return m @ m.T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, s: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        (m,) = ctx.saved_tensors
+        d = (s + s.T).to(m.dtype) @ m
+        return tuple(x.view(ctx.shape) for x in d.unbind(0))
+
+
+def gram_of(grads: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Gram matrix :math:`\\Gamma_{kl} = \\sum_i \\langle G_{k,i}, G_{l,i}\\rangle` of D gradients,
+    each a list of tensors (one per parameter block); differentiable."""
+    out = None
+    for parts in zip(*grads, strict=True):
+        g = _StackGram.apply(*parts)
+        out = g if out is None else out + g
+    assert out is not None
+    return out
+
+
+# ---- accelerated layers ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Layer:
+    """A ``Linear`` / ``Conv1d`` / ``Conv2d`` whose weight (and bias) are blocks of their own."""
+
+    module: nn.Module
+    name: str
+    weight: int
+    bias: int | None
+    conv: int  # 0: linear; 1 or 2: spatial dimensions of the convolution
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    @property
+    def wshape(self) -> torch.Size:
+        return self.module.weight.shape  # type: ignore[union-attr,return-value]
+
+    def channel_view(self, ndim: int) -> list[int]:
+        """Shape that broadcasts a per-channel vector over an output of ``ndim`` dims."""
+        shape = [1] * ndim
+        shape[1 if self.conv else ndim - 1] = -1
+        return shape
+
+    # gradients of one group (differentiable building blocks) ----------------------------
+
+    def wgrad(self, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        if not self.conv:
+            return dz.reshape(-1, dz.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        fn = torch.nn.grad.conv1d_weight if self.conv == 1 else torch.nn.grad.conv2d_weight
+        return fn(x, self.wshape, dz, self.stride, self.padding, self.dilation, self.groups)
+
+    def input_grad(self, x: torch.Tensor, v: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """:math:`\\partial \\langle v, \\mathrm{wgrad}(x, dz)\\rangle / \\partial x`."""
+        if not self.conv:
+            return dz @ v
+        fn = torch.nn.grad.conv1d_input if self.conv == 1 else torch.nn.grad.conv2d_input
+        return fn(x.shape, v, dz, self.stride, self.padding, self.dilation, self.groups)
+
+    def output_grad(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:math:`\\partial \\langle v, \\mathrm{wgrad}(x, dz)\\rangle / \\partial dz` (a forward with ``v``)."""
+        if not self.conv:
+            return x @ v.T
+        fn = F.conv1d if self.conv == 1 else F.conv2d
+        return fn(x, v, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def bgrad(self, dz: torch.Tensor) -> torch.Tensor:
+        if not self.conv:
+            return dz.reshape(-1, dz.shape[-1]).sum(0)
+        return dz.sum(dim=[d for d in range(dz.ndim) if d != 1])
+
+    # per-example rows for the sample engine ---------------------------------------------
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs as (B, K, P): K = fan-in of the weight (all groups), P positions."""
+        b = x.shape[0]
+        if not self.conv:
+            return x.reshape(b, -1, x.shape[-1]).transpose(1, 2)
+        if self.conv == 1:
+            k = self.wshape[-1]
+            return F.unfold(
+                x.unsqueeze(-1),
+                (k, 1),
+                dilation=(self.dilation[0], 1),
+                padding=(self.padding[0], 0),
+                stride=(self.stride[0], 1),
+            )
+        return F.unfold(x, tuple(self.wshape[-2:]), dilation=self.dilation, padding=self.padding, stride=self.stride)
+
+    def delta(self, dz: torch.Tensor) -> torch.Tensor:
+        """Output gradients as (B, out, P)."""
+        b = dz.shape[0]
+        if not self.conv:
+            return dz.reshape(b, -1, dz.shape[-1]).transpose(1, 2)
+        return dz.reshape(b, dz.shape[1], -1)
+
+
+def _conv_padding(m: nn.Module) -> tuple[int, ...] | None:
+    pad = m.padding  # type: ignore[attr-defined]
+    k, d = m.kernel_size, m.dilation  # type: ignore[attr-defined]
+    if isinstance(pad, str):
+        if pad == "valid":
+            return tuple(0 for _ in k)
+        total = [di * (ki - 1) for di, ki in zip(d, k, strict=True)]
+        if any(t % 2 for t in total):
+            return None  # asymmetric "same" padding
+        return tuple(t // 2 for t in total)
+    return tuple(int(p) for p in pad)
+
+
+def _candidates(ev: Evaluator) -> tuple[list[_Layer], dict[str, str]]:
+    space = ev.space
+    index = {id(b.param): i for i, b in enumerate(space.blocks)}
+    layers: list[_Layer] = []
+    skipped: dict[str, str] = {}
+    for name, m in ev.model.named_modules():
+        kind = {nn.Linear: 0, nn.Conv1d: 1, nn.Conv2d: 2}.get(type(m))
+        if kind is None:
+            continue
+        w = m._parameters.get("weight")
+        b = m._parameters.get("bias")
+        iw = index.get(id(w))
+        ib = None if b is None else index.get(id(b))
+        if iw is None or (b is not None and ib is None):
+            skipped[name] = "weight or bias is not a scaled tensor"
+            continue
+        if len(space.blocks[iw].names) > 1 or (ib is not None and len(space.blocks[ib].names) > 1):
+            skipped[name] = "tied tensor"
+            continue
+        if kind == 0:
+            layers.append(_Layer(m, name, iw, ib, 0))
+            continue
+        if m.padding_mode != "zeros":  # type: ignore[attr-defined]
+            skipped[name] = f"padding_mode {m.padding_mode!r}"
+            continue
+        pad = _conv_padding(m)
+        if pad is None:
+            skipped[name] = "asymmetric 'same' padding"
+            continue
+        layers.append(
+            _Layer(m, name, iw, ib, kind, tuple(m.stride), pad, tuple(m.dilation), int(m.groups))  # type: ignore[arg-type]
+        )
+    return layers, skipped
+
+
+@dataclass(frozen=True)
+class GramPlan:
+    """Which layers the engines accelerate; the rest is computed by plain autograd / vmap.
+
+    Attributes:
+        layers: the accelerated layers.
+        fallback: indices of the blocks computed without acceleration.
+        skipped: ``{module name: reason}`` for Linear/Conv layers that are not accelerated.
+    """
+
+    layers: tuple[_Layer, ...]
+    fallback: tuple[int, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def plain(ev: Evaluator, reason: str = "acceleration off") -> GramPlan:
+        """No acceleration: every block by autograd (sub-batch) or vmap (sample)."""
+        layers, skipped = _candidates(ev)
+        skipped = {**skipped, **{ly.name: reason for ly in layers}}
+        return GramPlan((), tuple(range(len(ev.space.blocks))), skipped)
+
+    def accelerated_names(self, ev: Evaluator) -> list[str]:
+        """Canonical names of the accelerated blocks."""
+        blocks = ev.space.blocks
+        out = []
+        for ly in self.layers:
+            out.append(blocks[ly.weight].name)
+            if ly.bias is not None:
+                out.append(blocks[ly.bias].name)
+        return out
+
+
+class _Recorder:
+    """Forward hooks on accelerated layers that record (layer, input, version, output edge).
+
+    With ``alpha`` the hook also returns the scaled output
+    :math:`\\alpha_W z + \\alpha_b b^0` (the layer itself then runs with :math:`W^0` and a
+    zero bias).
+    """
+
+    def __init__(self, layers: Sequence[_Layer], ev: Evaluator, alpha: torch.Tensor | None = None) -> None:
+        self.layers = layers
+        self.ev = ev
+        self.alpha = alpha
+        self.groups: list[list[tuple[_Layer, torch.Tensor, int, Any]]] = []
+
+    def _hook(self, layer: _Layer) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+            x = args[0] if args else kwargs["input"]
+            z = out
+            if self.alpha is not None:
+                a = self.alpha
+                z = out * a[layer.weight].to(out.dtype)
+                if layer.bias is not None:
+                    b0 = self.ev.space.initial[layer.bias]
+                    z = z + (b0 * a[layer.bias].to(b0.dtype)).view(layer.channel_view(out.ndim))
+            self.groups[-1].append((layer, x, x._version, get_gradient_edge(z)))
+            return z if self.alpha is not None else None
+
+        return hook
+
+    @contextmanager
+    def active(self) -> Iterator[_Recorder]:
+        handles = []
+        try:
+            for ly in self.layers:
+                handles.append(ly.module.register_forward_hook(self._hook(ly), with_kwargs=True))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def new_group(self) -> None:
+        self.groups.append([])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    rtol = 1e-9 if a.dtype == torch.float64 else 1e-4
+    scale = torch.linalg.vector_norm(b.double())
+    return bool(torch.linalg.vector_norm((a - b).double()) <= rtol * scale + 1e-30)
+
+
+def _checked_blocks(layers: Sequence[_Layer]) -> list[int]:
+    return sorted({i for ly in layers for i in (ly.weight, ly.bias) if i is not None})
+
+
+def _by_layer(records: list, dzs: Sequence[torch.Tensor | None]) -> dict[int, list]:
+    """``{id(layer): [(input, version at the call, output gradient), ...]}``."""
+    out: dict[int, list[tuple[torch.Tensor, int, torch.Tensor | None]]] = {}
+    for (ly, x, version, _), dz in zip(records, dzs, strict=True):
+        out.setdefault(id(ly), []).append((x, version, dz))
+    return out
+
+
+def _check_layers(
+    space: Any,
+    layers: Sequence[_Layer],
+    by_layer: dict[int, list],
+    true: dict[int, torch.Tensor | None],
+    skipped: dict[str, str],
+) -> list[_Layer]:
+    """Keep the layers whose hooks fired, whose inputs were not changed in place, and whose
+    summed weight (bias) gradient :math:`\\sum_p \\delta_p u_p^\\top` equals autograd's."""
+    kept = []
+    with torch.no_grad():
+        for ly in layers:
+            recs = by_layer.get(id(ly), [])
+            if not recs:
+                skipped[ly.name] = "never called as a module (used functionally)"
+                continue
+            if any(x._version != v for x, v, _ in recs):
+                skipped[ly.name] = "input changed in place after the layer"
+                continue
+            w0 = space.initial[ly.weight]
+            gw = torch.zeros_like(w0)
+            gb = None if ly.bias is None else torch.zeros_like(space.initial[ly.bias])
+            for x, _, dz in recs:
+                if dz is None:
+                    continue
+                gw += ly.wgrad(x, dz)
+                if gb is not None:
+                    gb += ly.bgrad(dz)
+            tw = true[ly.weight]
+            ok = _close(gw, torch.zeros_like(w0) if tw is None else tw)
+            if gb is not None and ly.bias is not None:
+                tb = true[ly.bias]
+                ok = ok and _close(gb, torch.zeros_like(gb) if tb is None else tb)
+            if not ok:
+                skipped[ly.name] = "weight also used outside the layer's call"
+                continue
+            kept.append(ly)
+    return kept
+
+
+def build_plan(ev: Evaluator, batch: Batch, *, verify_scaling: bool = False) -> GramPlan:
+    """Decide which Linear/Conv layers the engines accelerate, checked on ``batch``.
+
+    A candidate is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (exact type, zero padding
+    mode) whose weight and bias are scaled blocks of their own (not tied). It is kept only if,
+    in one forward and backward of the loss on ``batch``, its hook fired, its input was not
+    changed in place afterwards, and :math:`\\sum_p \\delta_p u_p^\\top` (and
+    :math:`\\sum_p\\delta_p`) equal autograd's gradients of its weight (and bias) — which
+    fails when the weight is also used outside the layer's own call. With ``verify_scaling``
+    the output-scaled sub-batch engine is compared with plain autograd at scales away from 1;
+    on any mismatch nothing is accelerated.
+
+    Run it inside :func:`initopt.core.search_mode` (the mode the engines will run in).
+    """
+    layers, skipped = _candidates(ev)
+    space = ev.space
+    if layers:
+        rec = _Recorder(layers, ev)
+        theta = space.leaves(space.ones())
+        with rec.active():
+            rec.new_group()
+            loss = ev.loss(theta, batch, where="the batch used to plan the gradient engine")
+        records = rec.groups[0]
+        wanted = _checked_blocks(layers)
+        grads = torch.autograd.grad(loss, [r[3] for r in records] + [theta[i] for i in wanted], allow_unused=True)
+        true = dict(zip(wanted, grads[len(records) :], strict=True))
+        layers = _check_layers(space, layers, _by_layer(records, grads[: len(records)]), true, skipped)
+    used = {i for ly in layers for i in (ly.weight, ly.bias) if i is not None}
+    plan = GramPlan(tuple(layers), tuple(i for i in range(len(space.blocks)) if i not in used), skipped)
+    if verify_scaling and plan.layers and batch_size(batch) >= 2:
+        from initopt.core.batches import split_batch
+
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        alpha = (0.7 + 0.6 * torch.rand(len(space.blocks), generator=g, dtype=torch.float64)).to(
+            space.device, space.dtype
+        )
+        parts = split_batch(batch, 2)
+        fast, _ = subbatch_gram(ev, alpha, parts, plan=plan)
+        slow, _ = subbatch_gram(ev, alpha, parts, plan=GramPlan.plain(ev))
+        if not _close(fast.detach(), slow.detach()):
+            return GramPlan.plain(ev, reason="output-scaled evaluation differs from the plain one")
+    return plan
+
+
+# ---- differentiable sub-batch engine -----------------------------------------------------
+
+
+class _WeightGram(torch.autograd.Function):
+    """Gram matrix of the D group weight gradients of one layer.
+
+    Forward: :math:`G_k = \\sum_{r \\in k} \\mathrm{wgrad}(x_r, \\delta_r)` and
+    :math:`\\Gamma = G G^\\top`. Backward, with :math:`V = (S + S^\\top) G`: input gradient
+    ``input_grad(x_r, V_k, δ_r)`` (a transposed convolution) and output gradient
+    ``output_grad(x_r, V_k)`` (a forward convolution) — cheaper than autograd's double
+    backward of the weight-gradient convolution.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, layer: _Layer, groups: list[int], d: int, *xs_dzs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        xs, dzs = xs_dzs[0::2], xs_dzs[1::2]
+        g = torch.zeros((d, *layer.wshape), dtype=dzs[0].dtype, device=dzs[0].device)
+        for k, x, dz in zip(groups, xs, dzs, strict=True):
+            g[k] += layer.wgrad(x, dz)
+        ctx.layer, ctx.groups = layer, groups
+        ctx.save_for_backward(g, *xs_dzs)
+        gf = g.reshape(d, -1)
+        return gf @ gf.T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, s: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        g, *xs_dzs = ctx.saved_tensors
+        layer: _Layer = ctx.layer
+        v = ((s + s.T).to(g.dtype) @ g.reshape(g.shape[0], -1)).view_as(g)
+        out: list[torch.Tensor | None] = []
+        for r, k in enumerate(ctx.groups):
+            x, dz = xs_dzs[2 * r], xs_dzs[2 * r + 1]
+            out.append(layer.input_grad(x, v[k], dz) if ctx.needs_input_grad[3 + 2 * r] else None)
+            out.append(layer.output_grad(x, v[k]) if ctx.needs_input_grad[4 + 2 * r] else None)
+        return (None, None, None, *out)
+
+
+def subbatch_gram(
+    ev: Evaluator,
+    alpha: torch.Tensor,
+    parts: Sequence[Batch],
+    *,
+    plan: GramPlan | None = None,
+    create_graph: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram matrix of the gradients of D groups, :math:`G_k = \\nabla_\\theta L(\\text{part}_k)`,
+    at :math:`\\theta = \\alpha \\odot W^0`.
+
+    One forward per part (so BatchNorm in training mode uses the part's own statistics), one
+    backward per part. With ``create_graph`` the result is differentiable with respect to
+    ``alpha`` (pass ``alpha`` with ``requires_grad=True``); this is NIO's objective.
+
+    Args:
+        ev: evaluator of the model (mode set by the caller's :func:`search_mode`).
+        alpha: scales, one per block.
+        parts: the D groups (e.g. :func:`~initopt.core.split_batch` of a batch).
+        plan: from :func:`build_plan`; ``None`` accelerates nothing.
+        create_graph: keep the graph for a derivative of the result.
+
+    Returns:
+        ``(gram, losses)``: the D x D Gram matrix and the D group losses.
+    """
+    space = ev.space
+    plan = GramPlan.plain(ev) if plan is None else plan
+    a = alpha if alpha.requires_grad else alpha.detach().requires_grad_(True)
+    acc_w = {ly.weight for ly in plan.layers}
+    acc_b = {ly.bias for ly in plan.layers if ly.bias is not None}
+    tensors = []
+    for i, w0 in enumerate(space.initial):
+        if i in acc_w:
+            tensors.append(w0)
+        elif i in acc_b:
+            tensors.append(torch.zeros_like(w0))
+        else:
+            tensors.append(w0 * a[i].to(w0.dtype))
+    rest = list(plan.fallback)
+    rec = _Recorder(plan.layers, ev, alpha=a)
+    losses = []
+    with rec.active():
+        for k, part in enumerate(parts):
+            rec.new_group()
+            losses.append(ev.loss(tensors, part, where=f"sub-batch {k}"))
+    d = len(parts)
+    fallback_grads: list[list[torch.Tensor]] = []
+    per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
+    bias_sums: dict[int, list[Any]] = {}
+    for k in range(d):
+        records = rec.groups[k]
+        inputs = [r[3] for r in records] + [tensors[i] for i in rest]
+        grads = torch.autograd.grad(losses[k], inputs, create_graph=create_graph, allow_unused=True)
+        fallback_grads.append(
+            [torch.zeros_like(tensors[i]) if g is None else g for i, g in zip(rest, grads[len(records) :], strict=True)]
+        )
+        for (ly, x, version, _), dz in zip(records, grads[: len(records)], strict=True):
+            if x._version != version:
+                raise ModelError(
+                    f"the input of layer {ly.name!r} was changed in place after the layer ran; "
+                    "the gradient engine cannot use it (pass accelerate=False)"
+                )
+            if dz is None:
+                continue
+            _, groups, flat = per_layer.setdefault(id(ly), (ly, [], []))
+            groups.append(k)
+            flat += [x, dz]
+            if ly.bias is not None:
+                sums = bias_sums.setdefault(id(ly), [0] * d)
+                sums[k] = sums[k] + ly.bgrad(dz)
+    gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
+    for ly, groups, flat in per_layer.values():
+        gram = gram + _WeightGram.apply(ly, groups, d, *flat).to(gram.dtype)
+        if ly.bias is not None:
+            b0 = space.initial[ly.bias]
+            sums = [torch.zeros_like(b0) if isinstance(s, int) else s for s in bias_sums[id(ly)]]
+            gram = gram + _StackGram.apply(*sums).to(gram.dtype)
+    if rest:
+        gram = gram + gram_of(fallback_grads).to(gram.dtype)
+    return gram, torch.stack([loss.to(gram.dtype) for loss in losses])
+
+
+# ---- per-example engine ------------------------------------------------------------------
+
+
+def _leading(tree: Any, n: int) -> Any:
+    """vmap ``in_dims`` for a batch or output: 0 for tensors with leading dimension n."""
+    if isinstance(tree, torch.Tensor):
+        return 0 if tree.ndim > 0 and tree.shape[0] == n else None
+    if isinstance(tree, dict) and type(tree) is dict:
+        return {k: _leading(v, n) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)) and type(tree) in (tuple, list):
+        return type(tree)(_leading(v, n) for v in tree)
+    if tree is None or isinstance(tree, (int, float, str, bool)):
+        return None
+    raise TypeError(f"cannot map over {type(tree).__name__}")
+
+
+def _one(tree: Any, dims: Any) -> Any:
+    """Inside vmap: give the mapped leaves back a batch dimension of 1."""
+    if isinstance(tree, torch.Tensor):
+        return tree.unsqueeze(0) if dims == 0 else tree
+    if isinstance(tree, dict):
+        return {k: _one(v, dims[k]) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_one(v, d) for v, d in zip(tree, dims, strict=True))
+    return tree
+
+
+def _per_example_losses(ev: Evaluator, out: Any, batch: Batch, n: int) -> torch.Tensor:
+    """:math:`\\ell_i` = the loss of example i computed from its row of the batched output."""
+    if ev.task.loss_fn is None and isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        logits = out.logits if hasattr(out, "logits") else out
+        y = batch[1]
+        if (
+            isinstance(logits, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and logits.ndim >= 2
+            and logits.shape[0] == n == y.shape[0]
+            and (y.is_floating_point() or not bool((y == -100).any()))
+        ):
+            # the default loss is F.cross_entropy(logits, y) (mean): per example, the mean over
+            # its positions of the unreduced loss
+            return F.cross_entropy(logits, y, reduction="none").reshape(n, -1).mean(1)
+    od, bd = _leading(out, n), _leading(batch, n)
+
+    def one(o: Any, b: Any) -> torch.Tensor:
+        return check_loss(ev.task.loss(_one(o, od), _one(b, bd)), "one example")
+
+    return torch.func.vmap(one, in_dims=(od, bd))(out, batch)
+
+
+def _per_example_grads(
+    ev: Evaluator, theta: list[torch.Tensor], idx: list[int], batch: Batch, chunk_size: int | None
+) -> list[torch.Tensor]:
+    """Per-example gradients (B, *shape) of the blocks ``idx`` by vmap over grad."""
+    n = batch_size(batch)
+    bd = _leading(batch, n)
+    fixed = [t.detach() for t in theta]
+
+    def loss(left: tuple[torch.Tensor, ...], example: Any) -> torch.Tensor:
+        ts = list(fixed)
+        for j, t in zip(idx, left, strict=True):
+            ts[j] = t
+        return ev.loss(ts, _one(example, bd), where="one example")
+
+    fn = torch.func.vmap(torch.func.grad(loss), in_dims=(None, bd), chunk_size=chunk_size)
+    return list(fn(tuple(fixed[j] for j in idx), batch))
+
+
+def _chunked_gram(make: Callable[[slice], torch.Tensor], n: int, row_elems: int) -> torch.Tensor:
+    """Gram of n rows produced in chunks by ``make(slice) -> (c, F)`` within the memory budget."""
+    c = max(1, min(n, _BUDGET // max(1, 2 * row_elems)))
+    if c >= n:
+        m = make(slice(0, n))
+        return m @ m.T
+    chunks = [slice(s, min(s + c, n)) for s in range(0, n, c)]
+    out = None
+    for ia, sa in enumerate(chunks):
+        ma = make(sa)
+        if out is None:
+            out = torch.zeros((n, n), dtype=ma.dtype, device=ma.device)
+        for sb in chunks[ia:]:
+            mb = ma if sb == sa else make(sb)
+            blk = ma @ mb.T
+            out[sa, sb] = blk
+            out[sb, sa] = blk.T
+    assert out is not None
+    return out
+
+
+def _layer_sample_gram(
+    ly: _Layer, xs: list[torch.Tensor], dzs: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-example Gram of one layer's weight (and bias) gradients.
+
+    The Gram identity :math:`\\sum_{p,q}(\\delta_{ip}\\cdot\\delta_{jq})(u_{ip}\\cdot u_{jq})` when it
+    costs fewer flops than materializing the per-example gradients (dense layers on vectors
+    always; convolutions with small feature maps); otherwise per-example gradients in chunks
+    (a batched matrix product for linear layers, ``vmap`` of the convolution's weight
+    gradient for convolutions) and their Gram.
+
+    Returns ``(gram, summed weight gradient, summed bias gradient or None)``; the sums equal
+    autograd's gradients of the summed loss (used to check the layer).
+    """
+    if not ly.conv and len(xs) == 1 and xs[0].ndim == 2:
+        # dense layer on vectors: (ΔΔᵀ) ⊙ (AAᵀ) (+ ΔΔᵀ for the bias)
+        d2, a2 = dzs[0], xs[0].to(dzs[0].dtype)
+        dd = d2 @ d2.T
+        gram = dd * (a2 @ a2.T)
+        if ly.bias is None:
+            return gram, d2.T @ a2, None
+        return gram + dd, d2.T @ a2, d2.sum(0)
+    n = xs[0].shape[0]
+    o = ly.wshape[0]
+    kg = math.prod(ly.wshape[1:])
+    g = ly.groups
+    og = o // g
+    dtype = dzs[0].dtype
+    bias = None
+    if ly.bias is not None:
+        bias = sum(ly.delta(dz).sum(-1) for dz in dzs)  # (B, O)
+    p = sum(ly.delta(dz).shape[-1] for dz in dzs)
+    trick = n * n * p * p * (og + kg) * g
+    mat = n * p * og * kg * g + n * n * og * kg * g
+    if trick <= mat and n * g * p * p <= _BUDGET:
+        u = torch.cat([ly.unfold(x) for x in xs], dim=-1).to(dtype).reshape(n, g, kg, p)
+        dl = torch.cat([ly.delta(dz) for dz in dzs], dim=-1).reshape(n, g, og, p)
+        c = max(1, min(n, _BUDGET // (n * g * p * p)))
+        rows = []
+        for s in range(0, n, c):
+            dd = torch.einsum("igop,jgoq->ijgpq", dl[s : s + c], dl)
+            aa = torch.einsum("igkp,jgkq->ijgpq", u[s : s + c], u)
+            rows.append((dd * aa).sum(dim=(2, 3, 4)))
+        gram = torch.cat(rows, dim=0)
+        gw = torch.einsum("igop,igkp->gok", dl, u).reshape(ly.wshape)
+    else:
+
+        def per_example(sl: slice) -> torch.Tensor:
+            out = None
+            for x, dz in zip(xs, dzs, strict=True):
+                if ly.conv:
+                    gi = torch.func.vmap(lambda xi, di: ly.wgrad(xi[None], di[None]))(x[sl], dz[sl])
+                else:
+                    gi = torch.bmm(ly.delta(dz[sl]), ly.unfold(x[sl]).transpose(1, 2).to(dtype))
+                out = gi if out is None else out + gi
+            assert out is not None
+            return out.reshape(out.shape[0], -1)
+
+        if n * o * kg <= _BUDGET:
+            m = per_example(slice(0, n))
+            gram, gw = m @ m.T, m.sum(0).reshape(ly.wshape)
+        else:
+            gram = _chunked_gram(per_example, n, o * kg)
+            gw = sum(ly.wgrad(x, dz) for x, dz in zip(xs, dzs, strict=True))
+    gb = None
+    if bias is not None:
+        gram = gram + bias @ bias.T
+        gb = bias.sum(0)
+    return gram, gw.reshape(ly.wshape), gb
+
+
+def sample_gram(
+    ev: Evaluator,
+    alpha: torch.Tensor,
+    batch: Batch,
+    *,
+    plan: GramPlan | None = None,
+    accelerate: bool = True,
+    chunk_size: int | None = 32,
+) -> tuple[torch.Tensor, GramPlan]:
+    """B x B Gram matrix of the per-example gradients :math:`g_i = \\nabla_\\theta \\ell(x_i, y_i)`.
+
+    Accelerated layers use one forward and one backward of :math:`\\sum_i \\ell_i`, where
+    :math:`\\ell_i` is the loss of example i computed from its row of the batched output
+    (cross-entropy with ``reduction="none"`` for the default loss, else ``vmap`` of the loss
+    over rows); every other block, or every block when the loss cannot be split by example (a
+    model that returns its own batch loss), uses ``vmap(grad)`` over examples in chunks of
+    ``chunk_size``. The model must treat the examples independently (run BatchNorm in eval
+    mode). Not differentiable; for a differentiable per-example Gram use
+    :func:`subbatch_gram` with one part per example.
+
+    Args:
+        plan: layers to accelerate without checking them again; ``None``: the candidate
+            layers, checked in the same forward and backward (as in :func:`build_plan`).
+        accelerate: ``False``: ``vmap`` for every block.
+
+    Returns:
+        ``(gram, plan)``: the Gram matrix and the plan actually used.
+    """
+    space = ev.space
+    n = batch_size(batch)
+    theta = space.leaves(alpha.detach())
+    gram = torch.zeros((n, n), dtype=space.dtype, device=space.device)
+    if plan is not None:
+        layers, skipped, check = list(plan.layers), dict(plan.skipped), False
+    elif accelerate:
+        cands, skipped = _candidates(ev)
+        layers, check = list(cands), True
+    else:
+        plan = GramPlan.plain(ev)
+        layers, skipped, check = [], dict(plan.skipped), False
+    if layers and ev.task.loss_fn is None and isinstance(batch, dict):
+        skipped.update({ly.name: "loss not separable by example" for ly in layers})
+        layers = []
+    if layers:
+        rec = _Recorder(layers, ev)
+        with rec.active():
+            rec.new_group()
+            out = ev.output(theta, batch)
+        try:
+            losses = _per_example_losses(ev, out, batch, n)
+        except (TypeError, RuntimeError, ValueError):
+            losses = None  # the loss cannot be split by example: vmap everything below
+        if losses is None:
+            skipped.update({ly.name: "loss not separable by example" for ly in layers})
+            layers = []
+        else:
+            records = rec.groups[0]
+            wanted = _checked_blocks(layers) if check else []
+            grads = torch.autograd.grad(
+                losses.sum(), [r[3] for r in records] + [theta[i] for i in wanted], allow_unused=True
+            )
+            by_layer = _by_layer(records, grads[: len(records)])
+            true = dict(zip(wanted, grads[len(records) :], strict=True))
+            kept, mine, theirs = [], [], []
+            with torch.no_grad():
+                for ly in layers:
+                    recs = by_layer.get(id(ly), [])
+                    if any(x._version != v for x, v, _ in recs):
+                        if not check:
+                            raise ModelError(f"the input of layer {ly.name!r} was changed in place after the layer ran")
+                        skipped[ly.name] = "input changed in place after the layer"
+                        continue
+                    if not recs:
+                        skipped[ly.name] = "never called as a module (used functionally)"
+                        continue
+                    pairs = [(x, dz) for x, _, dz in recs if dz is not None]
+                    if pairs:
+                        lg, gw, gb = _layer_sample_gram(ly, [q[0] for q in pairs], [q[1] for q in pairs])
+                    else:  # the layer's output does not reach the loss
+                        lg = torch.zeros_like(gram)
+                        gw = torch.zeros_like(space.initial[ly.weight])
+                        gb = None if ly.bias is None else torch.zeros_like(space.initial[ly.bias])
+                    kept.append((ly, lg, 1 + (gb is not None)))
+                    if check:
+                        for mine_t, i in ((gw, ly.weight), (gb, ly.bias)):
+                            if mine_t is not None and i is not None:
+                                mine.append(mine_t)
+                                theirs.append(torch.zeros_like(mine_t) if true[i] is None else true[i])
+                # one host synchronization for all checks: relative distances to autograd's sums
+                if mine:
+                    num = torch.stack(torch._foreach_norm(torch._foreach_sub(mine, theirs)))
+                    den = torch.stack(torch._foreach_norm(theirs))
+                    rel = (num / (den + torch.finfo(den.dtype).tiny)).tolist()
+                else:
+                    rel = [0.0] * sum(c for _, _, c in kept)
+                tol = 1e-9 if gram.dtype == torch.float64 else 1e-4
+                layers, pos = [], 0
+                for ly, lg, count in kept:
+                    bad = max(rel[pos : pos + count]) > tol
+                    pos += count
+                    if bad:
+                        skipped[ly.name] = "weight also used outside the layer's call"
+                        continue
+                    layers.append(ly)
+                    gram += lg.to(gram.dtype)
+    used = {i for ly in layers for i in (ly.weight, ly.bias) if i is not None}
+    plan = GramPlan(tuple(layers), tuple(i for i in range(len(space.blocks)) if i not in used), skipped)
+    if plan.fallback:
+        grads = _per_example_grads(ev, theta, list(plan.fallback), batch, chunk_size)
+        with torch.no_grad():
+            for gi in grads:
+                gram += _chunked_gram(lambda sl, gi=gi: gi[sl].reshape(sl.stop - sl.start, -1), n, gi[0].numel()).to(
+                    gram.dtype
+                )
+    return gram, plan
+
+
+def norms_and_gc(gram: torch.Tensor, eps: float) -> dict[str, Any]:
+    """Plain floats from a Gram matrix: ``gc``, ``gn`` (mean norm) and ``norms``."""
+    gc, norms = cosine_from_gram(gram.detach().double(), eps)
+    values = torch.cat([gc.reshape(1), norms.mean().reshape(1), norms]).tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise LossError(f"non-finite gradient cosine ({values[0]}) or mean gradient norm ({values[1]})")
+    return {"gc": values[0], "gn": values[1], "norms": tuple(values[2:])}

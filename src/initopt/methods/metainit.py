@@ -1,0 +1,327 @@
+"""MetaInit: Dauphin, Schoenholz, "MetaInit: Initializing learning by learning to initialize",
+NeurIPS 2019.
+
+Tune the norms of the initial tensors so that the gradient quotient is small, i.e. so that
+the gradient changes little after one gradient step (:mod:`initopt.core.quotient`):
+
+.. math::
+
+    \\mathrm{GQ}(\\theta) = \\frac1N \\sum_i \\Big|\\frac{g_i - (Hg)_i}{g_i + \\epsilon s_i} - 1\\Big|,
+    \\qquad g = \\nabla_\\theta L.
+
+Paper variant (``variant="sign"``): only tensors with two or more dimensions are tuned, each
+through its norm :math:`\\rho_j = \\|W_j\\|`, by sign-SGD with momentum on the sign,
+
+.. math::
+
+    m_j \\leftarrow \\beta m_j - \\mathrm{lr}\\;\\mathrm{sign}(\\partial\\mathrm{GQ}/\\partial\\rho_j), \\qquad
+    \\rho_j \\leftarrow \\max(\\rho_j + m_j,\\; \\rho_{\\min,j}),
+
+in absolute norm units, on fresh :math:`\\mathcal N(0, 1)` inputs and uniform random labels
+at every step, with the model in eval mode. The norm is kept as a scale
+:math:`\\alpha_j = \\rho_j/\\rho_j^0` (so :math:`\\partial\\mathrm{GQ}/\\partial\\rho_j =
+(\\partial\\mathrm{GQ}/\\partial\\alpha_j)/\\rho_j^0`) and folded in by
+:func:`initopt.apply_scales_`; untuned tensors keep scale 1 but count in GQ. The floor
+:math:`\\rho_{\\min,j} = \\min(\\texttt{min\\_norm}, \\rho_j^0)` keeps every norm positive, so a
+tensor never reaches 0 or flips sign.
+
+Baseline variant of later papers (``variant="adam"``): every tensor of non-zero norm,
+biases included, gets a scale tuned by the shared :class:`~initopt.core.RescaleAdam`
+(:math:`\\beta_1` = ``momentum``) within the bounds of :class:`~initopt.core.ScaleSpace`.
+
+Cost of one step: one forward, the gradient with its graph, :math:`Hg` as one more backward,
+and the backward through all of it. With ``projected_grads=True`` (default) the last pass
+runs no weight-gradient kernel for conv/linear weights (:mod:`initopt.core.bilinear`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from initopt.core.batches import Batch, batch_size
+from initopt.core.bilinear import ProjectedWeightGrads
+from initopt.core.blocks import ScaleSpace
+from initopt.core.functional import Evaluator
+from initopt.core.optim import RescaleAdam
+from initopt.core.progress import Progress
+from initopt.core.quotient import gradient_and_hvp, gradient_quotient, quotient_sums
+from initopt.errors import ConfigError, LossError
+from initopt.methods.base import Method, Outcome, Problem, register
+
+__all__ = ["MetaInit", "MetaInitConfig"]
+
+
+def _positive(name: str, v: Any) -> None:
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+        raise ConfigError(f"metainit: {name} must be a positive number, got {v!r}")
+
+
+def _count(name: str, v: Any) -> None:
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ConfigError(f"metainit: {name} must be a positive integer or None, got {v!r}")
+
+
+@dataclass(frozen=True)
+class MetaInitConfig:
+    """MetaInit settings; defaults are the paper's (its Figure 2).
+
+    Attributes:
+        lr: step of the norm (sign variant, absolute norm units) or of the scale (adam).
+        momentum: :math:`\\beta` of the sign momentum; :math:`\\beta_1` of the adam variant.
+        steps: iterations.
+        eps: :math:`\\epsilon` of the gradient quotient.
+        mode: ``"eval"`` (the paper) or ``"train"`` (BatchNorm on batch statistics).
+        data: ``"noise"``: fresh N(0, 1) inputs and uniform labels at every step, shaped
+            after the first batch (``(inputs, integer targets)`` batches only); ``"batches"``:
+            the user's batches.
+        input_shape: noise mode: shape of one input example (``None``: as in the first batch).
+        num_classes: noise mode: number of classes (``None``: last dimension of the model's
+            output on the first batch).
+        batch_size: noise mode: examples per step (``None``: as in the first batch).
+        min_norm: sign variant: floor on each tuned norm, :math:`\\min(\\texttt{min\\_norm},
+            \\rho^0_j)`.
+        variant: ``"sign"`` (the paper) or ``"adam"`` (per-tensor scales, biases included,
+            by the shared scale optimizer).
+        min_scale: adam variant: lower bound of weight and gain scales (biases: 0).
+        beta2, clip: adam variant: second-moment decay and per-scale gradient clip.
+        projected_grads: compute scale gradients through conv/linear layers by Euler's
+            identity (same values, less work); ``False``: plain autograd.
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    steps: int = 500
+    eps: float = 1e-5
+    mode: str = "eval"
+    data: str = "noise"
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    batch_size: int | None = None
+    min_norm: float = 1e-3
+    variant: str = "sign"
+    min_scale: float = 0.01
+    beta2: float = 0.999
+    clip: float | None = 1.0
+    projected_grads: bool = True
+
+    def __post_init__(self) -> None:
+        for k in ("lr", "eps", "min_norm", "min_scale"):
+            _positive(k, getattr(self, k))
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ConfigError(f"metainit: momentum must be in [0, 1), got {self.momentum!r}")
+        if not (isinstance(self.beta2, (int, float)) and 0 <= self.beta2 < 1):
+            raise ConfigError(f"metainit: beta2 must be in [0, 1), got {self.beta2!r}")
+        if self.clip is not None:
+            _positive("clip", self.clip)
+        if self.mode not in ("train", "eval"):
+            raise ConfigError(f"metainit: mode must be 'eval' or 'train', got {self.mode!r}")
+        if self.data not in ("noise", "batches"):
+            raise ConfigError(f"metainit: data must be 'noise' or 'batches', got {self.data!r}")
+        if self.variant not in ("sign", "adam"):
+            raise ConfigError(f"metainit: variant must be 'sign' or 'adam', got {self.variant!r}")
+        _count("num_classes", self.num_classes)
+        _count("batch_size", self.batch_size)
+        if self.input_shape is not None:
+            shape = tuple(self.input_shape) if isinstance(self.input_shape, (tuple, list)) else None
+            if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+                raise ConfigError(
+                    f"metainit: input_shape must be a tuple of positive integers (one example), got {self.input_shape!r}"
+                )
+            object.__setattr__(self, "input_shape", shape)
+
+
+def _logits(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    return None
+
+
+def _noise_error(what: str) -> ConfigError:
+    return ConfigError(
+        f"metainit: data='noise' draws N(0, 1) inputs and uniform class labels shaped after the first batch, "
+        f"but {what}; pass data='batches' to run MetaInit on your own batches"
+    )
+
+
+@register
+class MetaInit(Method):
+    """MetaInit (Dauphin & Schoenholz 2019): tensor norms that minimize the gradient quotient."""
+
+    name = "metainit"
+    Config = MetaInitConfig
+    summary = "norms that make the gradient quotient small (the gradient changes little after a step)"
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def tuned(self, space: ScaleSpace) -> list[int]:
+        """Indices of the blocks whose scale is tuned (sign: tensors with >= 2 dims)."""
+        if self.config.variant == "sign":
+            return [i for i, b in enumerate(space.blocks) if b.role == "weight" and b.scalable]
+        return [i for i, b in enumerate(space.blocks) if b.scalable]
+
+    def noise_source(self, problem: Problem) -> Callable[[], Batch]:
+        """Fresh N(0, 1) inputs and uniform labels, shaped after the first batch."""
+        cfg = self.config
+        sample = problem.batches.first
+        if isinstance(sample, dict):
+            raise _noise_error("the batches are dicts (keyword inputs such as token ids)")
+        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
+            raise _noise_error("the batches are not (inputs, targets) tuples")
+        x, y = sample[0], sample[1]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise _noise_error("the inputs are not floating point (token ids cannot be drawn from N(0, 1))")
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool or y.ndim == 0:
+            raise _noise_error("the targets are not integer class labels with a batch dimension")
+        n = batch_size(sample)
+        bs = cfg.batch_size or n
+        extras = tuple(sample[2:])
+        if extras and bs != n:
+            raise _noise_error(f"the batches carry {len(extras)} extra entries that cannot be resized to batch_size")
+        xshape = (bs, *(cfg.input_shape or tuple(x.shape[1:])))
+        yshape = (bs, *y.shape[1:])
+        classes = cfg.num_classes or self.infer_classes(problem.evaluator, sample)
+        gen = problem.generator
+        kind = type(sample) if type(sample) in (tuple, list) else tuple
+
+        def draw() -> Batch:
+            xn = torch.randn(xshape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
+            yn = torch.randint(0, classes, yshape, generator=gen, device=gen.device, dtype=y.dtype).to(y.device)
+            return kind((xn, yn, *extras))
+
+        return draw
+
+    @staticmethod
+    def infer_classes(ev: Evaluator, sample: Batch) -> int:
+        """Number of classes: the last dimension of the model's output on ``sample``."""
+        with torch.no_grad():
+            logits = _logits(ev.output(ev.space.initial, sample))
+        if logits is None or logits.ndim == 0:
+            raise ConfigError(
+                "metainit: cannot read the number of classes from the model output on the first batch "
+                "(expected a logits tensor); pass num_classes=..."
+            )
+        return int(logits.shape[-1])
+
+    def objective(
+        self,
+        ev: Evaluator,
+        space: ScaleSpace,
+        alpha: torch.Tensor,
+        batch: Batch,
+        blocks: Sequence[int],
+        clock: list[tuple[str, float]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GQ at ``alpha`` on ``batch`` and its derivative with respect to the scales of ``blocks``.
+
+        Returns ``(dGQ/dalpha[blocks], gq, loss)`` (0-d tensors for the last two).
+        ``clock``, if given, receives ``(phase, perf_counter())`` after each phase.
+        """
+
+        def tick(phase: str) -> None:
+            if clock is not None:
+                clock.append((phase, time.perf_counter()))
+
+        tick("start")
+        theta = space.leaves(alpha)
+        pwg = ProjectedWeightGrads(theta) if self.config.projected_grads else None
+        with pwg.intercept() if pwg is not None else contextlib.nullcontext():
+            loss = ev.loss(theta, batch, where="a MetaInit batch")
+        tick("forward")
+        g, hg = gradient_and_hvp(loss, theta, create_graph=True, clock=tick if clock is not None else None)
+        n = sum(t.numel() for t in theta)
+        gq = quotient_sums(g, hg, self.config.eps).sum() / n
+        tick("quotient")
+        d = torch.zeros(len(blocks), dtype=space.dtype, device=space.device)
+        wanted = [i for i in blocks if theta[i].requires_grad]
+        if wanted and gq.requires_grad:
+            with pwg.projecting() if pwg is not None else contextlib.nullcontext():
+                grads = torch.autograd.grad(gq, [theta[i] for i in wanted], allow_unused=True)
+            d = ProjectedWeightGrads.contract(grads, [space.initial[i] for i in wanted]).to(space.dtype)
+        tick("backward")
+        return d, gq.detach(), loss.detach()
+
+    def measure(self, ev: Evaluator, space: ScaleSpace, alpha: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """GQ and loss at ``alpha`` on ``batch``."""
+        theta = space.leaves(alpha)
+        loss = ev.loss(theta, batch, where="a MetaInit batch")
+        gq = gradient_quotient(loss, theta, eps=self.config.eps)
+        v = torch.stack([gq, loss.detach()]).double().tolist()
+        return {"gq": v[0], "loss": v[1]}
+
+    # -- the verb -------------------------------------------------------------------------
+
+    def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
+        cfg = self.config
+        space, ev = problem.space, problem.evaluator
+        draw = self.noise_source(problem) if cfg.data == "noise" else problem.next_batch
+        probe = draw() if cfg.data == "noise" else problem.batches.first
+        blocks = self.tuned(space)
+        alpha = space.ones()
+        before = self.measure(ev, space, alpha, probe)
+        step = self._sign_stepper(space, blocks) if cfg.variant == "sign" else self._adam_stepper(space, blocks)
+        history: list[dict[str, Any]] = []
+        for t in range(steps):
+            d, gq, loss = self.objective(ev, space, alpha, draw(), blocks)
+            loss_v, gq_v, d_v = torch.stack([loss.double(), gq.double(), d.double().abs().sum()]).tolist()
+            if not all(math.isfinite(v) for v in (loss_v, gq_v, d_v)):
+                raise LossError(
+                    f"metainit: non-finite loss ({loss_v}), gradient quotient ({gq_v}) or scale gradient "
+                    f"at step {t}; check the model and data, or lower lr"
+                )
+            step(alpha, d)
+            history.append({"step": t, "gq": gq_v, "loss": loss_v})
+            progress.update(gq=f"{gq_v:.4g}")
+        after = self.measure(ev, space, alpha, probe)
+        return Outcome(alpha=alpha, history=history, before=before, after=after)
+
+    def _sign_stepper(self, space: ScaleSpace, blocks: list[int]) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """Sign-SGD with momentum on the norms of ``blocks`` (no host synchronization)."""
+        cfg = self.config
+        kw = {"dtype": space.dtype, "device": space.device}
+        idx = torch.tensor(blocks, dtype=torch.long, device=space.device)
+        rho0 = torch.tensor([space.blocks[i].init_norm for i in blocks], **kw)
+        floor = torch.clamp(rho0, max=cfg.min_norm)
+        mom = torch.zeros(len(blocks), **kw)
+
+        @torch.no_grad()
+        def step(alpha: torch.Tensor, d_alpha: torch.Tensor) -> None:
+            if not blocks:
+                return
+            d_rho = d_alpha / rho0
+            mom.mul_(cfg.momentum).sub_(cfg.lr * torch.sign(d_rho))
+            rho = torch.maximum(alpha[idx] * rho0 + mom, floor)
+            alpha[idx] = rho / rho0
+
+        return step
+
+    def _adam_stepper(self, space: ScaleSpace, blocks: list[int]) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """The shared scale optimizer on the scales of ``blocks``."""
+        cfg = self.config
+        lo, hi = space.bounds()
+        idx = torch.tensor(blocks, dtype=torch.long, device=space.device)
+        opt = RescaleAdam(lo[idx], hi[idx], lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), clip=cfg.clip)
+
+        @torch.no_grad()
+        def step(alpha: torch.Tensor, d_alpha: torch.Tensor) -> None:
+            if not blocks:
+                return
+            a = alpha[idx]
+            opt.step(a, d_alpha, kind="objective")
+            alpha[idx] = a
+
+        return step

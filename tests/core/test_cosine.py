@@ -1,0 +1,351 @@
+"""GradCosine engines against explicit per-example / per-sub-batch loops in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import initopt
+from initopt import zoo
+from initopt.core import Evaluator, ScaleSpace, Task, evaluation, search_mode, split_batch
+from initopt.core import cosine as C
+
+
+def _cls(n, *shape, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+class _Convs(nn.Module):
+    """Strided, dilated and grouped 2-D convolutions, a 1-D convolution, a linear layer applied
+    to a sequence (positions), and a module called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3)
+        self.c3 = nn.Conv1d(6, 4, 3, padding="same", bias=False)
+        self.seq = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x))))
+        h = torch.tanh(self.c3(h.flatten(2)))  # (B, 4, L)
+        h = torch.tanh(self.seq(h.transpose(1, 2)))  # (B, L, 5)
+        h = self.seq(h[..., :4]) + h  # the same layer a second time
+        return self.head(h.mean(1))
+
+
+MODELS = {
+    "mlp": (lambda: zoo.mlp(depth=3, width=12, in_features=7), lambda s: _cls(6, 7, seed=s)),
+    "convs": (_Convs, lambda s: _cls(5, 3, 8, 8, seed=s)),
+    "cnn_bn": (lambda: zoo.cnn(channels=(4, 6), batchnorm=True), lambda s: _cls(6, 3, 8, 8, seed=s)),
+    "transformer": (
+        lambda: zoo.post_ln_transformer(d_model=8, layers=1, dropout=0.0),
+        lambda s: (
+            torch.randint(0, 32, (5, 6), generator=torch.Generator().manual_seed(s)),
+            torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(s + 1)),
+        ),
+    ),
+    "tied_lm": (
+        lambda: zoo.tied_lm(d_model=8, hidden=12),
+        lambda s: (lambda ids: {"input_ids": ids, "labels": torch.roll(ids, -1, dims=1)})(
+            torch.randint(0, 32, (5, 6), generator=torch.Generator().manual_seed(s))
+        ),
+    ),
+}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    m = MODELS[name][0]().double()
+    with torch.no_grad():  # non-trivial norm-layer parameters
+        for mod in m.modules():
+            if isinstance(mod, (nn.BatchNorm2d, nn.LayerNorm)):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _loss(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)["loss"]
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _grads(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(_loss(model, batch), params)])
+
+
+def _loop_gram(model, parts, train):
+    """Explicit loop: one forward and backward per group on a copy of the model."""
+    m = copy.deepcopy(model).train(train)
+    g = torch.stack([_grads(m, p) for p in parts])
+    return g @ g.T
+
+
+def _loop_gc(gram, eps=1e-8):
+    d = gram.shape[0]
+    n = gram.diagonal().sqrt()
+    total = sum(gram[k, l] / (n[k] * n[l] + eps) for k in range(d) for l in range(d) if k != l)
+    return total / (d * (d - 1)), n
+
+
+# ---- GC from the Gram matrix -------------------------------------------------------------
+
+
+def test_cosine_from_gram_equals_pairwise_cosines():
+    g = torch.randn(5, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gc, norms = C.cosine_from_gram(g @ g.T, eps=0.0)
+    cos = [F.cosine_similarity(g[k], g[l], dim=0) for k in range(5) for l in range(5) if k != l]
+    torch.testing.assert_close(gc, torch.stack(cos).mean())
+    torch.testing.assert_close(norms, g.norm(dim=1))
+
+
+def test_zero_group_gradient_gives_finite_gc_and_gradient():
+    g = torch.randn(3, 4, dtype=torch.float64)
+    g[1] = 0
+    g.requires_grad_(True)
+    gc, norms = C.cosine_from_gram(C.gram_of([[r] for r in g]), eps=1e-8)
+    assert torch.isfinite(gc) and norms[1] == 0
+    (dg,) = torch.autograd.grad(-gc - norms.mean(), g)
+    assert torch.isfinite(dg).all()
+    with pytest.raises(ValueError):
+        C.cosine_from_gram(torch.ones(1, 1))
+
+
+def test_zero_subbatch_gradient_through_the_engine_is_finite():
+    """A loss weight of 0 on the second sub-batch makes its gradient exactly 0."""
+    torch.manual_seed(0)
+    model = zoo.mlp(depth=2, width=8, in_features=5).double()
+    x, y = _cls(8, 5)
+    w = torch.cat([torch.ones(4), torch.zeros(4)]).double()
+
+    def loss_fn(out, batch):
+        return (F.cross_entropy(out, batch[1], reduction="none") * batch[2]).mean()
+
+    space = ScaleSpace(model)
+    ev = Evaluator(model, space, Task(loss_fn=loss_fn))
+    with search_mode(model):
+        plan = C.build_plan(ev, (x, y, w))
+        alpha = space.ones().requires_grad_(True)
+        gram, _ = C.subbatch_gram(ev, alpha, split_batch((x, y, w), 2), plan=plan, create_graph=True)
+        gc, norms = C.cosine_from_gram(gram)
+        (da,) = torch.autograd.grad(-gc - norms.mean(), alpha)
+    assert norms[1] == 0 and torch.isfinite(gc) and torch.isfinite(da).all()
+    res = initopt.initialize_(model, (x, y, w), "nio", loss_fn=loss_fn, num_splits=2, steps=2)
+    assert all(torch.isfinite(torch.tensor(list(res.scales.values()))))
+
+
+# ---- sample-wise GC: per-example gradients ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("accelerate", [True, False])
+def test_sample_gram_equals_per_example_loop(name, accelerate):
+    model = _model(name)
+    batch = MODELS[name][1](1)
+    n = initopt.core.batch_size(batch)
+    ref = _loop_gram(model, split_batch(batch, n), train=False)
+    with evaluation(model, mode="eval") as ev:
+        plan = C.build_plan(ev, batch) if accelerate else C.GramPlan.plain(ev)
+        gram, used = C.sample_gram(ev, ev.space.ones(), batch, plan=plan, chunk_size=2)
+    torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-12)
+    if accelerate and name in ("mlp", "convs", "cnn_bn"):
+        assert len(used.layers) == sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules())
+
+
+def test_sample_gram_chunked_and_both_layer_strategies(monkeypatch):
+    """A small memory budget forces chunking and a conv with a large feature map takes the
+    materializing strategy; the dense layers take the Gram identity."""
+    model = _model("convs")
+    batch = MODELS["convs"][1](2)
+    ref = _loop_gram(model, split_batch(batch, 5), train=False)
+    seen = []
+    real = C._chunked_gram
+
+    def spy(make, n, row):
+        seen.append(row)
+        return real(make, n, row)
+
+    monkeypatch.setattr(C, "_chunked_gram", spy)
+    monkeypatch.setattr(C, "_BUDGET", 300)
+    with evaluation(model, mode="eval") as ev:
+        gram, _ = C.sample_gram(ev, ev.space.ones(), batch, plan=C.build_plan(ev, batch))
+    torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-12)
+    assert seen  # at least one layer materialized per-example gradients, in chunks
+
+
+def test_gram_identity_for_a_linear_layer_by_hand():
+    """<g_i, g_j> = (d_i . d_j)(a_i . a_j) (+ d_i . d_j for the bias) for z = W a + b."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    a = torch.randn(6, 4, dtype=torch.float64)
+    d = torch.randn(6, 3, dtype=torch.float64)
+    ly = C._Layer(lin, "lin", 0, 1, 0)
+    got, gw, gb = C._layer_sample_gram(ly, [a], [d])
+    per = torch.stack([torch.cat([torch.outer(d[i], a[i]).reshape(-1), d[i]]) for i in range(6)])
+    torch.testing.assert_close(got, per @ per.T)
+    torch.testing.assert_close(got, (d @ d.T) * (a @ a.T) + d @ d.T)
+    torch.testing.assert_close(gw, d.T @ a)
+    torch.testing.assert_close(gb, d.sum(0))
+
+
+# ---- batch-wise GC: sub-batch gradients -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("accelerate", [True, False])
+def test_subbatch_gram_equals_explicit_subbatch_gradients(name, accelerate):
+    """BatchNorm in training mode uses each sub-batch's own statistics."""
+    model = _model(name)
+    batch = MODELS[name][1](3)
+    parts = split_batch(batch, 2)
+    ref = _loop_gram(model, parts, train=True)
+    with evaluation(model, mode="train") as ev:
+        plan = C.build_plan(ev, batch, verify_scaling=True) if accelerate else None
+        gram, losses = C.subbatch_gram(ev, ev.space.ones(), parts, plan=plan)
+    torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-12)
+    m = copy.deepcopy(model).train()
+    torch.testing.assert_close(losses, torch.stack([_loss(m, p) for p in parts]).detach())
+
+
+def _objective(model, alpha, parts, mu, train=True):
+    """-GC - mu * GN at theta = alpha * W0, explicit (no engine), for finite differences."""
+    m = copy.deepcopy(model).train(train)
+    params = [p for p in m.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p, a in zip(params, alpha, strict=True):
+            p.mul_(a)
+    gc, n = _loop_gc(_loop_gram(m, parts, train))
+    return float(-gc - mu * n.mean())
+
+
+@pytest.mark.parametrize("name", ["mlp", "convs", "cnn_bn"])
+def test_scale_gradient_equals_finite_differences(name):
+    model = _model(name)
+    batch = MODELS[name][1](4)
+    parts = split_batch(batch, 3 if name != "convs" else 2)
+    space = ScaleSpace(model)
+    ev = Evaluator(model, space, Task())
+    g = torch.Generator().manual_seed(5)
+    alpha0 = 0.8 + 0.4 * torch.rand(len(space), generator=g, dtype=torch.float64)
+    grads = {}
+    with search_mode(model):
+        for accel in (True, False):
+            plan = C.build_plan(ev, batch, verify_scaling=True) if accel else None
+            a = alpha0.clone().requires_grad_(True)
+            gram, _ = C.subbatch_gram(ev, a, parts, plan=plan, create_graph=True)
+            gc, norms = C.cosine_from_gram(gram)
+            (grads[accel],) = torch.autograd.grad(-gc - 0.5 * norms.mean(), a)
+    h = 1e-6
+    fd = torch.zeros_like(alpha0)
+    for i in range(len(alpha0)):
+        e = torch.zeros_like(alpha0)
+        e[i] = h
+        fd[i] = (_objective(model, alpha0 + e, parts, 0.5) - _objective(model, alpha0 - e, parts, 0.5)) / (2 * h)
+    torch.testing.assert_close(grads[True], fd, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-9, atol=1e-12)
+
+
+# ---- the plan: which layers are accelerated ---------------------------------------------
+
+
+class _Sneaky(nn.Module):
+    """``lin.weight`` is also used outside ``lin``'s own call; ``never`` is only used
+    functionally; ``post`` is an ordinary layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.post = nn.Linear(5, 5)
+        self.never = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x)) + 0.3 * F.linear(x, self.lin.weight)
+        h = torch.tanh(F.linear(h, self.never.weight, self.never.bias))
+        return self.head(torch.tanh(self.post(h)) + h)
+
+
+def test_plan_rejects_layers_it_cannot_reproduce_and_stays_exact():
+    torch.manual_seed(0)
+    model = _Sneaky().double()
+    batch = _cls(6, 5, classes=3)
+    with evaluation(model, mode="train") as ev:
+        plan = C.build_plan(ev, batch, verify_scaling=True)
+        assert set(plan.skipped) == {"lin", "never"}
+        assert "outside" in plan.skipped["lin"] and "functionally" in plan.skipped["never"]
+        assert [ly.name for ly in plan.layers] == ["post", "head"]
+        gram, _ = C.subbatch_gram(ev, ev.space.ones(), split_batch(batch, 3), plan=plan)
+    torch.testing.assert_close(gram, _loop_gram(model, split_batch(batch, 3), train=True))
+    with evaluation(model, mode="eval") as ev:
+        gram, _ = C.sample_gram(ev, ev.space.ones(), batch, plan=C.build_plan(ev, batch))
+    torch.testing.assert_close(gram, _loop_gram(model, split_batch(batch, 6), train=False))
+
+
+# ---- the public read-only diagnostic ----------------------------------------------------
+
+
+def _snapshot(model):
+    return (
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+        {n: b.detach().clone() for n, b in model.named_buffers()},
+        [m.training for m in model.modules()],
+    )
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_grad_cosine_is_read_only_and_uses_documented_batchnorm_statistics(num_splits):
+    model = _model("cnn_bn").train()
+    model[3].eval()  # a mixed-mode model keeps its mixed modes
+    batch = MODELS["cnn_bn"][1](6)
+    before = _snapshot(model)
+    r = initopt.grad_cosine(model, batch, num_splits=num_splits)
+    after = _snapshot(model)
+    for a, b in zip(before[:2], after[:2], strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert before[2] == after[2]
+    assert all(p.grad is None for p in model.parameters())
+    # sample-wise: eval mode (running statistics); batch-wise: each sub-batch's own statistics
+    parts = split_batch(batch, 6 if num_splits is None else 3)
+    gc, n = _loop_gc(_loop_gram(model, parts, train=num_splits is not None))
+    assert r.gc == pytest.approx(float(gc), rel=1e-10)
+    assert r.norms == pytest.approx(n.tolist(), rel=1e-10)
+    assert r.gn == pytest.approx(float(n.mean()), rel=1e-10)
+    assert r.mode == ("eval" if num_splits is None else "train")
+    assert r.sample_wise is (num_splits is None) and r.num_groups == len(parts)
+    assert "0.weight" in r.accelerated
+    with pytest.raises(AttributeError):
+        r.gc = 0.0  # frozen
+
+
+def test_grad_cosine_accelerated_equals_vmap_in_float32():
+    torch.manual_seed(0)
+    model = zoo.cnn(channels=(8, 16))
+    batch = (torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
+    fast = initopt.grad_cosine(model, batch)
+    slow = initopt.grad_cosine(model, batch, accelerate=False)
+    assert fast.gc == pytest.approx(slow.gc, abs=1e-5)
+    assert fast.norms == pytest.approx(slow.norms, rel=1e-4)
+    assert slow.accelerated == ()
+
+
+def test_grad_cosine_errors():
+    model = _model("mlp")
+    batch = _cls(6, 7)
+    for bad in (1, 7, 2.5, True):
+        with pytest.raises(initopt.ConfigError, match="num_splits"):
+            initopt.grad_cosine(model, batch, num_splits=bad)
+    with pytest.raises(initopt.DataError):
+        initopt.grad_cosine(model, _cls(1, 7))
+    with pytest.raises(initopt.DataError):
+        initopt.grad_cosine(model, [batch, batch])
