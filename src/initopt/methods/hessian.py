@@ -50,7 +50,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -75,17 +74,24 @@ __all__ = [
 
 # ---- Gauss–Hermite expectations -----------------------------------------------------------
 
-_NODES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_NODES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _hermite(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positive nodes and weights of the n-point rule for :math:`\\int f(x) e^{-x^2/2}dx` (n even)."""
+def _hermite(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive nodes and weights of the n-point rule for :math:`\\int f(x) e^{-x^2/2}dx` (n even).
+
+    Golub–Welsch: the nodes are the eigenvalues of the Jacobi matrix of the probabilists'
+    Hermite polynomials (off-diagonal :math:`\\sqrt k`), the weights the squared first
+    components of its eigenvectors (up to the constant :math:`\\sqrt{2\\pi}`, which cancels).
+    """
     if n not in _NODES:
-        x, w = np.polynomial.hermite_e.hermegauss(n)
+        k = torch.arange(1, n, dtype=torch.float64).sqrt()
+        x, vecs = torch.linalg.eigh(torch.diag(k, 1) + torch.diag(k, -1))
+        w = vecs[0] ** 2
         pos = x > 0
         # symmetrize: one weight per pair (x, -x), so that odd/even parts integrate exactly
         xp = x[pos]
-        wp = 0.5 * (w[pos] + w[::-1][pos])
+        wp = 0.5 * (w[pos] + w.flip(0)[pos])
         _NODES[n] = (xp, wp)
     return _NODES[n]
 
@@ -114,7 +120,7 @@ def expect(
     """:math:`\\mathbb E_{z\\sim\\mathcal N(0,q)}[g(z)^{\\mathrm{power}}]` for g = f or f' (Gauss–Hermite).
 
     ``nodes`` (even) probabilists' Hermite nodes :math:`x_i` with weights :math:`w_i`
-    (``numpy.polynomial.hermite_e.hermegauss``), used in symmetric pairs:
+    (Golub–Welsch, computed once per ``nodes``), used in symmetric pairs:
     :math:`\\mathbb E g(z) \\approx \\sum_i w_i\\,[g(\\sqrt q x_i) + g(-\\sqrt q x_i)] /
     (2\\sum_i w_i)`. For ReLU, :math:`\\mathbb E[\\phi'(z)^2]` is exactly 1/2.
 
@@ -128,12 +134,12 @@ def expect(
         raise ConfigError(f"nodes must be an even number >= 2, got {nodes}")
     xp, wp = _hermite(nodes)
     s = math.sqrt(q)
-    t = torch.tensor(np.concatenate([s * xp, -s * xp]), dtype=torch.float64)
+    t = torch.cat([s * xp, -s * xp])
     vals = _derivative(f, t) if derivative else f(t)
     vals = vals.detach().double().cpu().reshape(-1) ** power
     k = len(xp)
-    pair = (vals[:k] + vals[k:]).numpy()
-    return math.fsum(wp * pair) / (2 * math.fsum(wp))
+    pair = vals[:k] + vals[k:]
+    return math.fsum((wp * pair).tolist()) / (2 * math.fsum(wp.tolist()))
 
 
 def hessian_variance(
