@@ -122,7 +122,69 @@ def hessian_tracking() -> str:
     return "\n".join(lines)
 
 
+def demo() -> str:
+    d = _load("demo/compare.json")
+    if d is None:
+        return "_no results yet: run `initopt demo --out-dir benchmarks/results/demo`_"
+    c = d["config"]
+    cols = [
+        ("epoch1_test_loss", "test loss, epoch 1", 3),
+        ("epoch1_test_acc", "test acc, epoch 1", 3),
+        ("final_test_loss", "test loss, end", 3),
+        ("final_test_acc", "test acc, end", 3),
+        ("init_in_train_steps", "init cost (train steps)", 0),
+    ]
+    lines = [
+        f"{c.get('model', '?')} on {c.get('data', '?')}; {c['optimizer']} lr {c['lr']}, {c['steps']} steps "
+        f"(one epoch = {c['steps_per_epoch']}), batch {c['batch_size']}, seeds {c['seeds']}; mean ± std over seeds "
+        "(`benchmarks/results/demo/`: compare.json, curves.csv, curves.png).",
+        "",
+        "| init | " + " | ".join(x[1] for x in cols) + " | diverged |",
+        "|" + " --- |" * (len(cols) + 2),
+    ]
+    for row in d["summary"]:
+        cells = ["n/a" if row[k] is None else f"{row[k][0]:.{n}f} ± {row[k][1]:.{n}f}" for k, _, n in cols]
+        lines.append(f"| {row['init']} | " + " | ".join(cells) + f" | {row['diverged']}/{row['seeds']} |")
+    return "\n".join(lines)
+
+
+def _generic(name: str, script: str) -> Callable[[], str]:
+    """A table of every ``{"median", "mean", "std", "n"}`` entry of a result file."""
+
+    def render() -> str:
+        d = _load(name)
+        if d is None:
+            return f"_no results yet: run `python benchmarks/{script}`_"
+        rows: list[str] = []
+
+        def walk(x: object, path: str) -> None:
+            if isinstance(x, dict):
+                if {"median", "mean", "std"} <= set(x):
+                    rows.append(f"| {path} | {x['median']:.3g} | {x['mean']:.3g} ± {x['std']:.3g} |")
+                    return
+                for k, v in x.items():
+                    if k not in ("provenance", "config", "runs", "rounds"):
+                        walk(v, f"{path}.{k}" if path else str(k))
+
+        walk(d, "")
+        prov = d.get("provenance", {})
+        head = [
+            f"From `benchmarks/results/{name}` (torch {prov.get('torch', '?')}, {prov.get('threads', '?')} thread(s), "
+            f"revision {str(prov.get('git_revision', '?'))[:8]}).",
+            "",
+            "| measure | median | mean ± std |",
+            "| --- | --- | --- |",
+        ]
+        claim = d.get("claim")
+        return "\n".join(([f"Claim: {claim}", ""] if claim else []) + head + rows)
+
+    return render
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "demo": demo,
+    "metainit-cost": _generic("metainit_cost.json", "bench_metainit.py"),
+    "nio-cost": _generic("nio_cost.json", "bench_nio.py"),
     "gradinit-cost": gradinit_cost,
     "hessian-cost": hessian_cost,
     "hessian-tracking": hessian_tracking,
