@@ -82,7 +82,10 @@ def _loss(model, batch):
 
 def _grads(model, batch):
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(_loss(model, batch), params)])
+    grads = torch.autograd.grad(_loss(model, batch), params, allow_unused=True)
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+    )
 
 
 def _loop_gram(model, parts, train):
@@ -261,19 +264,22 @@ def test_scale_gradient_equals_finite_differences(name):
 
 class _Sneaky(nn.Module):
     """``lin.weight`` is also used outside ``lin``'s own call; ``never`` is only used
-    functionally; ``post`` is an ordinary layer."""
+    functionally; ``frozen`` runs under ``no_grad``; ``post`` is an ordinary layer."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(5, 5)
         self.post = nn.Linear(5, 5)
         self.never = nn.Linear(5, 5)
+        self.frozen = nn.Linear(5, 5)
         self.head = nn.Linear(5, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.lin(x)) + 0.3 * F.linear(x, self.lin.weight)
         h = torch.tanh(F.linear(h, self.never.weight, self.never.bias))
-        return self.head(torch.tanh(self.post(h)) + h)
+        with torch.no_grad():
+            f = self.frozen(x)
+        return self.head(torch.tanh(self.post(h)) + h * f)
 
 
 def test_plan_rejects_layers_it_cannot_reproduce_and_stays_exact():
@@ -282,13 +288,15 @@ def test_plan_rejects_layers_it_cannot_reproduce_and_stays_exact():
     batch = _cls(6, 5, classes=3)
     with evaluation(model, mode="train") as ev:
         plan = C.build_plan(ev, batch, verify_scaling=True)
-        assert set(plan.skipped) == {"lin", "never"}
+        assert set(plan.skipped) == {"lin", "never", "frozen"}
         assert "outside" in plan.skipped["lin"] and "functionally" in plan.skipped["never"]
+        assert "without gradient tracking" in plan.skipped["frozen"]
         assert [ly.name for ly in plan.layers] == ["post", "head"]
         gram, _ = C.subbatch_gram(ev, ev.space.ones(), split_batch(batch, 3), plan=plan)
     torch.testing.assert_close(gram, _loop_gram(model, split_batch(batch, 3), train=True))
     with evaluation(model, mode="eval") as ev:
-        gram, _ = C.sample_gram(ev, ev.space.ones(), batch, plan=C.build_plan(ev, batch))
+        gram, used = C.sample_gram(ev, ev.space.ones(), batch)
+        assert set(used.skipped) == {"lin", "never", "frozen"}
     torch.testing.assert_close(gram, _loop_gram(model, split_batch(batch, 6), train=False))
 
 

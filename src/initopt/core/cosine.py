@@ -66,7 +66,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
-from initopt.core.batches import Batch, batch_size, check_loss
+from initopt.core.batches import Batch, batch_size, check_loss, split_batch
 from initopt.core.functional import Evaluator
 from initopt.errors import LossError, ModelError
 
@@ -334,7 +334,8 @@ class _Recorder:
                 if layer.bias is not None:
                     b0 = self.ev.space.initial[layer.bias]
                     z = z + (b0 * a[layer.bias].to(b0.dtype)).view(layer.channel_view(out.ndim))
-            self.groups[-1].append((layer, x, x._version, get_gradient_edge(z)))
+            edge = get_gradient_edge(z) if z.requires_grad else None  # None: called without autograd
+            self.groups[-1].append((layer, x, x._version, edge))
             return z if self.alpha is not None else None
 
         return hook
@@ -358,6 +359,23 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     rtol = 1e-9 if a.dtype == torch.float64 else 1e-4
     scale = torch.linalg.vector_norm(b.double())
     return bool(torch.linalg.vector_norm((a - b).double()) <= rtol * scale + 1e-30)
+
+
+def _drop_untracked(records: list, skipped: dict[str, str]) -> list:
+    """Records of layers that always ran with autograd; the others are marked as skipped."""
+    bad = {r[0].name for r in records if r[3] is None}
+    for name in bad:
+        skipped[name] = "called without gradient tracking"
+    return [r for r in records if r[0].name not in bad]
+
+
+def _untracked_error(records: list) -> None:
+    for r in records:
+        if r[3] is None:
+            raise ModelError(
+                f"layer {r[0].name!r} ran without gradient tracking (no_grad or checkpointing?); "
+                "the gradient engine cannot use it (pass accelerate=False)"
+            )
 
 
 def _checked_blocks(layers: Sequence[_Layer]) -> list[int]:
@@ -412,7 +430,7 @@ def _check_layers(
     return kept
 
 
-def build_plan(ev: Evaluator, batch: Batch, *, verify_scaling: bool = False) -> GramPlan:
+def build_plan(ev: Evaluator, batch: Batch, *, verify_scaling: bool = False, max_examples: int | None = 16) -> GramPlan:
     """Decide which Linear/Conv layers the engines accelerate, checked on ``batch``.
 
     A candidate is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (exact type, zero padding
@@ -424,8 +442,13 @@ def build_plan(ev: Evaluator, batch: Batch, *, verify_scaling: bool = False) -> 
     the output-scaled sub-batch engine is compared with plain autograd at scales away from 1;
     on any mismatch nothing is accelerated.
 
-    Run it inside :func:`initopt.core.search_mode` (the mode the engines will run in).
+    The checks use the first ``max_examples`` examples of ``batch`` (about; ``None``: all),
+    which bounds their memory. Run it inside :func:`initopt.core.search_mode` (the mode the
+    engines will run in).
     """
+    n = batch_size(batch)
+    if max_examples is not None and n > max_examples:
+        batch = split_batch(batch, math.ceil(n / max_examples))[0]
     layers, skipped = _candidates(ev)
     space = ev.space
     if layers:
@@ -434,7 +457,8 @@ def build_plan(ev: Evaluator, batch: Batch, *, verify_scaling: bool = False) -> 
         with rec.active():
             rec.new_group()
             loss = ev.loss(theta, batch, where="the batch used to plan the gradient engine")
-        records = rec.groups[0]
+        records = _drop_untracked(rec.groups[0], skipped)
+        layers = [ly for ly in layers if ly.name not in skipped]
         wanted = _checked_blocks(layers)
         grads = torch.autograd.grad(loss, [r[3] for r in records] + [theta[i] for i in wanted], allow_unused=True)
         true = dict(zip(wanted, grads[len(records) :], strict=True))
@@ -442,16 +466,14 @@ def build_plan(ev: Evaluator, batch: Batch, *, verify_scaling: bool = False) -> 
     used = {i for ly in layers for i in (ly.weight, ly.bias) if i is not None}
     plan = GramPlan(tuple(layers), tuple(i for i in range(len(space.blocks)) if i not in used), skipped)
     if verify_scaling and plan.layers and batch_size(batch) >= 2:
-        from initopt.core.batches import split_batch
-
         g = torch.Generator(device="cpu").manual_seed(1234)
         alpha = (0.7 + 0.6 * torch.rand(len(space.blocks), generator=g, dtype=torch.float64)).to(
             space.device, space.dtype
         )
         parts = split_batch(batch, 2)
-        fast, _ = subbatch_gram(ev, alpha, parts, plan=plan)
-        slow, _ = subbatch_gram(ev, alpha, parts, plan=GramPlan.plain(ev))
-        if not _close(fast.detach(), slow.detach()):
+        fast = subbatch_gram(ev, alpha, parts, plan=plan)[0].detach()
+        slow = subbatch_gram(ev, alpha, parts, plan=GramPlan.plain(ev))[0].detach()
+        if not _close(fast, slow):
             return GramPlan.plain(ev, reason="output-scaled evaluation differs from the plain one")
     return plan
 
@@ -485,12 +507,16 @@ class _WeightGram(torch.autograd.Function):
     def backward(ctx: Any, s: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         g, *xs_dzs = ctx.saved_tensors
         layer: _Layer = ctx.layer
-        v = ((s + s.T).to(g.dtype) @ g.reshape(g.shape[0], -1)).view_as(g)
+        sym = (s + s.T).to(g.dtype)
+        gf = g.reshape(g.shape[0], -1)
         out: list[torch.Tensor | None] = []
+        vk, last = None, None
         for r, k in enumerate(ctx.groups):
+            if k != last:  # V_k = sum_l (S + S^T)_kl G_l, one group at a time
+                vk, last = (sym[k] @ gf).view(g.shape[1:]), k
             x, dz = xs_dzs[2 * r], xs_dzs[2 * r + 1]
-            out.append(layer.input_grad(x, v[k], dz) if ctx.needs_input_grad[3 + 2 * r] else None)
-            out.append(layer.output_grad(x, v[k]) if ctx.needs_input_grad[4 + 2 * r] else None)
+            out.append(layer.input_grad(x, vk, dz) if ctx.needs_input_grad[3 + 2 * r] else None)
+            out.append(layer.output_grad(x, vk) if ctx.needs_input_grad[4 + 2 * r] else None)
         return (None, None, None, *out)
 
 
@@ -545,6 +571,7 @@ def subbatch_gram(
     bias_sums: dict[int, list[Any]] = {}
     for k in range(d):
         records = rec.groups[k]
+        _untracked_error(records)
         inputs = [r[3] for r in records] + [tensors[i] for i in rest]
         grads = torch.autograd.grad(losses[k], inputs, create_graph=create_graph, allow_unused=True)
         fallback_grads.append(
@@ -565,6 +592,16 @@ def subbatch_gram(
                 sums = bias_sums.setdefault(id(ly), [0] * d)
                 sums[k] = sums[k] + ly.bgrad(dz)
     gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
+    with torch.set_grad_enabled(create_graph):
+        gram = _assemble(gram, per_layer, bias_sums, fallback_grads, rest, space)
+    return gram, torch.stack([loss.detach() if not create_graph else loss for loss in losses]).to(gram.dtype)
+
+
+def _assemble(
+    gram: torch.Tensor, per_layer: dict, bias_sums: dict, fallback_grads: list, rest: list, space: Any
+) -> torch.Tensor:
+    """Sum of the per-layer Gram matrices (accelerated layers, biases, fallback blocks)."""
+    d = gram.shape[0]
     for ly, groups, flat in per_layer.values():
         gram = gram + _WeightGram.apply(ly, groups, d, *flat).to(gram.dtype)
         if ly.bias is not None:
@@ -573,7 +610,7 @@ def subbatch_gram(
             gram = gram + _StackGram.apply(*sums).to(gram.dtype)
     if rest:
         gram = gram + gram_of(fallback_grads).to(gram.dtype)
-    return gram, torch.stack([loss.to(gram.dtype) for loss in losses])
+    return gram
 
 
 # ---- per-example engine ------------------------------------------------------------------
@@ -792,7 +829,12 @@ def sample_gram(
             skipped.update({ly.name: "loss not separable by example" for ly in layers})
             layers = []
         else:
-            records = rec.groups[0]
+            if check:
+                records = _drop_untracked(rec.groups[0], skipped)
+                layers = [ly for ly in layers if ly.name not in skipped]
+            else:
+                records = rec.groups[0]
+                _untracked_error(records)
             wanted = _checked_blocks(layers) if check else []
             grads = torch.autograd.grad(
                 losses.sum(), [r[3] for r in records] + [theta[i] for i in wanted], allow_unused=True
