@@ -238,3 +238,50 @@ def test_demo_small_version(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lookahead_loss" in out and "| default |" in out and "| gradinit:lr=0.05 |" in out
     assert json.loads((tmp_path / "compare.json").read_text())["summary"]
+
+
+REPORT_SCHEMA = {
+    "type": "object",
+    "required": ["layers", "model", "notes"],
+    "properties": {
+        "layers": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": [
+                    "layer",
+                    "type",
+                    "param_norm",
+                    "grad_norm",
+                    "grad_to_weight",
+                    "act_mean",
+                    "act_std",
+                    "hessian_spectral",
+                    "hessian_frobenius",
+                ],
+            },
+        },
+        "model": {
+            "type": "object",
+            "required": [
+                "loss",
+                "grad_cosine_batch",
+                "grad_cosine_sample",
+                "gradient_quotient",
+                "hessian_top_eigenvalue",
+                "hessian_trace",
+            ],
+        },
+    },
+}
+
+
+def test_diagnose_round_trip(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = main(["diagnose", *TINY, "--probes", "4", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert len(report["layers"]) == 3 and report["model"]["gradient_quotient"] is not None
+    assert "| layer |" in capsys.readouterr().out
