@@ -175,7 +175,7 @@ def _generic(name: str, script: str) -> Callable[[], str]:
             "| measure | median | mean ± std |",
             "| --- | --- | --- |",
         ]
-        claim = d.get("claim")
+        claim = str(d.get("claim", "")).removeprefix("Claim:").strip()
         return "\n".join(([f"Claim: {claim}", ""] if claim else []) + head + rows)
 
     return render
@@ -183,7 +183,11 @@ def _generic(name: str, script: str) -> Callable[[], str]:
 
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
-    "metainit-cost": _generic("metainit_cost.json", "bench_metainit.py"),
+    "metainit-cost": lambda: (
+        _generic("metainit_cost.json", "bench_metainit.py")()
+        + "\n\n"
+        + _generic("metainit_vs_reference.json", "bench_metainit.py")()
+    ),
     "nio-cost": _generic("nio_cost.json", "bench_nio.py"),
     "gradinit-cost": gradinit_cost,
     "hessian-cost": hessian_cost,

@@ -27,8 +27,9 @@ def test_mnist1d_generated_offline():
 
 def test_synthetic_tasks():
     tr, te = data.synthetic_sequences(n=100)
+    assert len(te) == 20
     assert tr.tensors[0].dtype == torch.long and tr.tensors[0].shape[1] == 16
-    tr, te = data.synthetic_classification(n=100)
+    tr, _ = data.synthetic_classification(n=100)
     assert tr.tensors[0].shape == (80, 32)
 
 

@@ -10,9 +10,7 @@ import pytest
 
 import initopt
 
-MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(initopt.__path__, "initopt.") if not m.name.endswith("__main__")
-)
+MODULES = sorted(m.name for m in pkgutil.walk_packages(initopt.__path__, "initopt.") if not m.name.endswith("__main__"))
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -50,6 +50,7 @@ METHOD_CASES: list[tuple[str, dict[str, Any], int]] = [
     ("gradinit", {"target": "adam", "gamma": 1e4, "eta": 1e-3, "max_gain_scale": 100.0}, 3),
     ("hessian", {}, 2),
     ("nio", {"num_splits": 2, "lr": 0.05}, 3),
+    ("metainit", {"source": "batches"}, 3),
 ]
 
 

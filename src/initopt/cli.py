@@ -365,7 +365,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_INITS = ["default", "gradinit:lr=0.05", "metainit", "nio", "hessian"]
+DEMO_INITS = ["default", "gradinit:lr=0.05", "metainit:steps=50", "nio", "hessian"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -380,7 +380,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     res = initopt.initialize_(
-        make(), loader(train, args.batch_size, seed=args.seed), "gradinit", steps=150, lr=0.05, seed=args.seed,
+        make(),
+        loader(train, args.batch_size, seed=args.seed),
+        "gradinit",
+        steps=150,
+        lr=0.05,
+        seed=args.seed,
         progress=False if args.quiet else None,
     )
     print(res.summary())

@@ -21,13 +21,13 @@ How: while :meth:`ProjectedWeightGrads.intercept` is active, ``conv1d/2d/3d`` an
 calls whose weight is one of the registered tensors run as three mutually-differentiating
 bilinear operations (forward :math:`y = B(x, W)`, input gradient :math:`B_x^\\top(g_y, W)`,
 weight gradient :math:`B_W^\\top(x, g_y)`), each of whose derivatives is again one of the three,
-so the graph can be differentiated any number of times. Inside
-:meth:`ProjectedWeightGrads.projecting`, the gradient that such an operation sends to a
-registered weight is replaced by its projection onto the weight,
-:math:`\\frac{\\langle \\nabla_W, W\\rangle}{\\|W\\|^2} W`, which has the same inner product with
-:math:`W` (and with :math:`W^0 \\propto W`). Outside ``projecting`` every gradient is exact.
-Use ``projecting`` only for a backward pass whose weight gradients are contracted with the
-weights (:meth:`ScaleSpace.scale_grad`); projected gradients carry no graph.
+so the graph can be differentiated any number of times. Each registered weight has a scalar
+leaf, its *Euler scalar*. Inside :meth:`ProjectedWeightGrads.projecting`, an operation on a
+registered weight sends :math:`\\langle G, B(P, W)\\rangle` (computed as
+:math:`\\langle B_x^\\top(G, W), x\\rangle`, a dot product of tensors the pass holds anyway) to
+the Euler scalar instead of a weight gradient to :math:`W`;
+:meth:`ProjectedWeightGrads.scale_gradient` adds the Euler scalars to the gradients from all
+other operations, contracted with :math:`W^0`. Outside ``projecting`` every gradient is exact.
 """
 
 from __future__ import annotations
@@ -94,62 +94,61 @@ class _Linear:
         return y + b
 
 
-def _projection(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """:math:`s\\, W / \\|W\\|^2`: the vector along ``w`` whose inner product with ``w`` is ``s``."""
-    sq = w.detach().pow(2).sum().clamp_min(torch.finfo(w.dtype).tiny)
-    return w.detach() * (s / sq)
-
-
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sum(a * b)
 
 
 class _Fwd(Function):
-    """:math:`y = B(x, W)`."""
+    """:math:`y = B(x, W)`; ``e`` is the Euler scalar of a registered weight (else ``None``)."""
 
     @staticmethod
-    def forward(ctx, x, w, k, owner, param):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, x, w, e, k, owner):  # type: ignore[no-untyped-def, override]
         y = k.fwd(x, w)
         # Euler needs <G, y> when the input has no gradient to give <dx, x>; y may be changed
         # in place later (inplace ReLU), so keep a copy
-        keep = y.detach().clone() if param and not x.requires_grad else None
+        keep = y.detach().clone() if e is not None and not x.requires_grad else None
         ctx.save_for_backward(x, w, keep)
-        ctx.k, ctx.owner, ctx.param = k, owner, param
+        ctx.k, ctx.owner, ctx.e, ctx.registered = k, owner, e, e is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[no-untyped-def, override]
         x, w, y = ctx.saved_tensors
-        k, owner, param = ctx.k, ctx.owner, ctx.param
-        dx = _IGrad.apply(gy, w, k, owner, param, x.shape) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            if param and owner.projecting_now:
-                dw = _projection(w, _dot(dx, x) if dx is not None else _dot(gy, y))
-            else:
-                dw = _WGrad.apply(x, gy, k, owner, w.shape)
-        return dx, dw, None, None, None
+        k, owner = ctx.k, ctx.owner
+        e = ctx.e
+        dx = _IGrad.apply(gy, w, e, k, owner, x.shape) if ctx.needs_input_grad[0] else None
+        dw = de = None
+        if ctx.registered and owner.projecting_now:
+            if ctx.needs_input_grad[2]:
+                de = _dot(dx, x) if dx is not None else _dot(gy, y)
+        elif ctx.needs_input_grad[1]:
+            dw = _WGrad.apply(x, gy, k, owner, w.shape)
+        return dx, dw, de, None, None
 
 
 class _IGrad(Function):
     """:math:`g_x = B_x^\\top(g_y, W)` (the gradient of :math:`B` with respect to its input)."""
 
     @staticmethod
-    def forward(ctx, gy, w, k, owner, param, xshape):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, gy, w, e, k, owner, xshape):  # type: ignore[no-untyped-def, override]
         ctx.save_for_backward(gy, w)
-        ctx.k, ctx.owner, ctx.param = k, owner, param
+        ctx.k, ctx.owner, ctx.e, ctx.registered = k, owner, e, e is not None
         return k.igrad(gy, w, xshape)
 
     @staticmethod
     def backward(ctx, ggx):  # type: ignore[no-untyped-def, override]
         gy, w = ctx.saved_tensors
-        k, owner, param = ctx.k, ctx.owner, ctx.param
-        project = param and owner.projecting_now and ctx.needs_input_grad[1]
-        dgy = _Fwd.apply(ggx, w, k, owner, param) if (ctx.needs_input_grad[0] or project) else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = _projection(w, _dot(dgy, gy)) if project else _WGrad.apply(ggx, gy, k, owner, w.shape)
-        return (dgy if ctx.needs_input_grad[0] else None), dw, None, None, None, None
+        k, owner = ctx.k, ctx.owner
+        e = ctx.e
+        project = ctx.registered and owner.projecting_now
+        euler = project and ctx.needs_input_grad[2]
+        dgy = _Fwd.apply(ggx, w, e, k, owner) if (ctx.needs_input_grad[0] or euler) else None
+        dw = de = None
+        if euler:
+            de = _dot(dgy, gy)
+        elif not project and ctx.needs_input_grad[1]:
+            dw = _WGrad.apply(ggx, gy, k, owner, w.shape)
+        return (dgy if ctx.needs_input_grad[0] else None), dw, de, None, None, None
 
 
 class _WGrad(Function):
@@ -165,8 +164,8 @@ class _WGrad(Function):
     def backward(ctx, ggw):  # type: ignore[no-untyped-def, override]
         x, gy = ctx.saved_tensors
         k, owner = ctx.k, ctx.owner
-        dx = _IGrad.apply(gy, ggw, k, owner, False, x.shape) if ctx.needs_input_grad[0] else None
-        dgy = _Fwd.apply(x, ggw, k, owner, False) if ctx.needs_input_grad[1] else None
+        dx = _IGrad.apply(gy, ggw, None, k, owner, x.shape) if ctx.needs_input_grad[0] else None
+        dgy = _Fwd.apply(x, ggw, None, k, owner) if ctx.needs_input_grad[1] else None
         return dx, dgy, None, None, None
 
 
@@ -192,11 +191,17 @@ class _Intercept(TorchFunctionMode):
 
 
 class ProjectedWeightGrads:
-    """Conv/linear layers on ``weights`` as a bilinear algebra with projected weight gradients.
+    """Conv/linear layers on ``weights`` as a bilinear algebra with Euler scale gradients.
+
+    Every registered weight :math:`W` gets a scalar leaf :math:`e_W` (its *Euler scalar*,
+    value 0, unused in the forward). Outside :meth:`projecting`, gradients are exact and
+    :math:`e_W` receives none. Inside, the conv/linear operations on :math:`W` send
+    :math:`\\langle \\nabla_W J, W\\rangle` (their share of it) to :math:`e_W` instead of a
+    gradient to :math:`W`; operations outside the algebra still send theirs to :math:`W`.
+    :meth:`scale_gradient` adds both up.
 
     Args:
-        weights: tensors (usually the leaves a search evaluates the model at) whose weight
-            gradients will only be contracted with themselves.
+        weights: tensors (usually the leaves a search evaluates the model at).
 
     Example:
         >>> lin = torch.nn.Linear(3, 2)
@@ -204,14 +209,17 @@ class ProjectedWeightGrads:
         >>> pwg = ProjectedWeightGrads([w])
         >>> with pwg.intercept():
         ...     y = torch.func.functional_call(lin, {"weight": w}, (torch.randn(4, 3),), strict=False)
-        >>> with pwg.projecting():
-        ...     (gw,) = torch.autograd.grad(y.pow(2).sum(), [w])
-        >>> bool(torch.allclose((gw * w).sum(), (2 * y * (y - lin.bias)).sum()))
+        >>> loss = y.pow(2).sum()  # <dloss/dw, w> = 2 <y, y - b>
+        >>> d = pwg.scale_gradient(loss, [w], [w.detach()], torch.ones(1))
+        >>> bool(torch.allclose(d, (2 * y * (y - lin.bias)).sum()))
         True
     """
 
     def __init__(self, weights: Iterable[torch.Tensor]) -> None:
         self._weights = {id(w): w for w in weights}
+        self._euler = {
+            k: torch.zeros((), dtype=w.dtype, device=w.device, requires_grad=True) for k, w in self._weights.items()
+        }
         self.projecting_now = False
 
     def is_weight(self, t: Any) -> bool:
@@ -225,13 +233,41 @@ class ProjectedWeightGrads:
 
     @contextlib.contextmanager
     def projecting(self) -> Iterator[ProjectedWeightGrads]:
-        """Backward passes inside send projected gradients to registered weights."""
+        """Backward passes inside send Euler scalars instead of registered weights' gradients."""
         prev = self.projecting_now
         self.projecting_now = True
         try:
             yield self
         finally:
             self.projecting_now = prev
+
+    def scale_gradient(
+        self,
+        output: torch.Tensor,
+        tensors: Sequence[torch.Tensor],
+        initial: Sequence[torch.Tensor],
+        scales: torch.Tensor,
+    ) -> torch.Tensor:
+        """:math:`\\partial J/\\partial\\alpha_j` for tensors :math:`t_j = \\alpha_j W^0_j` (one backward).
+
+        :math:`\\langle g_j, W^0_j\\rangle + E_j/\\alpha_j`, with :math:`g_j` the gradient from
+        operations outside the algebra and :math:`E_j` the Euler scalar's gradient
+        (:math:`\\langle\\nabla_{t_j}J, t_j\\rangle` from the algebra's operations).
+        """
+        tensors = list(tensors)
+        eulers = [self._euler[id(t)] for t in tensors if self.is_weight(t)]
+        with self.projecting():
+            grads = torch.autograd.grad(output, [*tensors, *eulers], allow_unused=True)
+        direct = self.contract(grads[: len(tensors)], initial)
+        it = iter(grads[len(tensors) :])
+        zero = torch.zeros((), dtype=direct.dtype, device=direct.device)
+        euler = []
+        for t in tensors:
+            g = next(it) if self.is_weight(t) else None
+            euler.append(zero if g is None else g.to(direct.dtype))
+        e = torch.stack(euler)
+        s = scales.to(direct.dtype)
+        return direct + torch.where(e == 0, zero, e / torch.where(s == 0, torch.ones_like(s), s))
 
     def _call(self, func: Any, args: tuple, kwargs: dict) -> Any:
         x = _arg(args, kwargs, 0, "input", None)
@@ -257,15 +293,15 @@ class ProjectedWeightGrads:
                 _arg(args, kwargs, 5, "dilation", 1),
                 _arg(args, kwargs, 6, "groups", 1),
             )
-        y = _Fwd.apply(x, w, k, self, True)
+        y = _Fwd.apply(x, w, self._euler[id(w)], k, self)
         return y if b is None else k.bias(y, b)
 
     @staticmethod
-    def contract(grads: Sequence[torch.Tensor | None], weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        """:math:`\\langle \\nabla_{W_j}, W_j\\rangle` for each pair (0 for ``None``)."""
+    def contract(grads: Sequence[torch.Tensor | None], directions: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:math:`\\langle g_j, d_j\\rangle` for each pair (0 for ``None``)."""
         return torch.stack(
             [
-                torch.zeros((), dtype=w.dtype, device=w.device) if g is None else torch.sum(g * w)
-                for g, w in zip(grads, weights, strict=True)
+                torch.zeros((), dtype=d.dtype, device=d.device) if g is None else torch.sum(g * d)
+                for g, d in zip(grads, directions, strict=True)
             ]
         )

@@ -108,7 +108,7 @@ def quotient_sums(g: Sequence[torch.Tensor], hg: Sequence[torch.Tensor], eps: fl
     """
     out = []
     for gi, hi in zip(g, hg, strict=True):
-        e = torch.where(gi.detach() >= 0, eps, -eps).to(gi.dtype)
+        e = torch.where(gi.detach() >= 0, gi.new_tensor(eps), gi.new_tensor(-eps))
         out.append(((hi + e) / (gi + e)).abs().sum())
     if not out:
         raise ValueError("quotient_sums needs at least one tensor")

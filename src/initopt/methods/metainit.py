@@ -55,7 +55,7 @@ from initopt.core.quotient import gradient_and_hvp, gradient_quotient, quotient_
 from initopt.errors import ConfigError, LossError
 from initopt.methods.base import Method, Outcome, Problem, register
 
-__all__ = ["MetaInit", "MetaInitConfig"]
+__all__ = ["MetaInit", "MetaInitConfig", "MetaInitRun"]
 
 
 def _positive(name: str, v: Any) -> None:
@@ -78,9 +78,10 @@ class MetaInitConfig:
         steps: iterations.
         eps: :math:`\\epsilon` of the gradient quotient.
         mode: ``"eval"`` (the paper) or ``"train"`` (BatchNorm on batch statistics).
-        data: ``"noise"``: fresh N(0, 1) inputs and uniform labels at every step, shaped
+        source: ``"noise"``: fresh N(0, 1) inputs and uniform labels at every step, shaped
             after the first batch (``(inputs, integer targets)`` batches only); ``"batches"``:
-            the user's batches.
+            the user's batches. (Not named ``data``: that is :func:`initopt.initialize_`'s
+            argument.)
         input_shape: noise mode: shape of one input example (``None``: as in the first batch).
         num_classes: noise mode: number of classes (``None``: last dimension of the model's
             output on the first batch).
@@ -100,7 +101,7 @@ class MetaInitConfig:
     steps: int = 500
     eps: float = 1e-5
     mode: str = "eval"
-    data: str = "noise"
+    source: str = "noise"
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     batch_size: int | None = None
@@ -122,8 +123,8 @@ class MetaInitConfig:
             _positive("clip", self.clip)
         if self.mode not in ("train", "eval"):
             raise ConfigError(f"metainit: mode must be 'eval' or 'train', got {self.mode!r}")
-        if self.data not in ("noise", "batches"):
-            raise ConfigError(f"metainit: data must be 'noise' or 'batches', got {self.data!r}")
+        if self.source not in ("noise", "batches"):
+            raise ConfigError(f"metainit: source must be 'noise' or 'batches', got {self.source!r}")
         if self.variant not in ("sign", "adam"):
             raise ConfigError(f"metainit: variant must be 'sign' or 'adam', got {self.variant!r}")
         _count("num_classes", self.num_classes)
@@ -132,7 +133,8 @@ class MetaInitConfig:
             shape = tuple(self.input_shape) if isinstance(self.input_shape, (tuple, list)) else None
             if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
                 raise ConfigError(
-                    f"metainit: input_shape must be a tuple of positive integers (one example), got {self.input_shape!r}"
+                    "metainit: input_shape must be a tuple of positive integers (one example), "
+                    f"got {self.input_shape!r}"
                 )
             object.__setattr__(self, "input_shape", shape)
 
@@ -149,8 +151,8 @@ def _logits(out: Any) -> torch.Tensor | None:
 
 def _noise_error(what: str) -> ConfigError:
     return ConfigError(
-        f"metainit: data='noise' draws N(0, 1) inputs and uniform class labels shaped after the first batch, "
-        f"but {what}; pass data='batches' to run MetaInit on your own batches"
+        f"metainit: source='noise' draws N(0, 1) inputs and uniform class labels shaped after the first batch, "
+        f"but {what}; pass source='batches' to run MetaInit on your own batches"
     )
 
 
@@ -247,11 +249,14 @@ class MetaInit(Method):
         gq = quotient_sums(g, hg, self.config.eps).sum() / n
         tick("quotient")
         d = torch.zeros(len(blocks), dtype=space.dtype, device=space.device)
-        wanted = [i for i in blocks if theta[i].requires_grad]
-        if wanted and gq.requires_grad:
-            with pwg.projecting() if pwg is not None else contextlib.nullcontext():
-                grads = torch.autograd.grad(gq, [theta[i] for i in wanted], allow_unused=True)
-            d = ProjectedWeightGrads.contract(grads, [space.initial[i] for i in wanted]).to(space.dtype)
+        if blocks and gq.requires_grad:
+            tensors, initial = [theta[i] for i in blocks], [space.initial[i] for i in blocks]
+            if pwg is not None:
+                d = pwg.scale_gradient(gq, tensors, initial, alpha[list(blocks)])
+            else:
+                grads = torch.autograd.grad(gq, tensors, allow_unused=True)
+                d = ProjectedWeightGrads.contract(grads, initial)
+            d = d.to(space.dtype)
         tick("backward")
         return d, gq.detach(), loss.detach()
 
@@ -266,28 +271,18 @@ class MetaInit(Method):
     # -- the verb -------------------------------------------------------------------------
 
     def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
-        cfg = self.config
-        space, ev = problem.space, problem.evaluator
-        draw = self.noise_source(problem) if cfg.data == "noise" else problem.next_batch
-        probe = draw() if cfg.data == "noise" else problem.batches.first
-        blocks = self.tuned(space)
-        alpha = space.ones()
-        before = self.measure(ev, space, alpha, probe)
-        step = self._sign_stepper(space, blocks) if cfg.variant == "sign" else self._adam_stepper(space, blocks)
+        run = self.start(problem)
+        before = run.measure()
         history: list[dict[str, Any]] = []
-        for t in range(steps):
-            d, gq, loss = self.objective(ev, space, alpha, draw(), blocks)
-            loss_v, gq_v, d_v = torch.stack([loss.double(), gq.double(), d.double().abs().sum()]).tolist()
-            if not all(math.isfinite(v) for v in (loss_v, gq_v, d_v)):
-                raise LossError(
-                    f"metainit: non-finite loss ({loss_v}), gradient quotient ({gq_v}) or scale gradient "
-                    f"at step {t}; check the model and data, or lower lr"
-                )
-            step(alpha, d)
-            history.append({"step": t, "gq": gq_v, "loss": loss_v})
-            progress.update(gq=f"{gq_v:.4g}")
-        after = self.measure(ev, space, alpha, probe)
-        return Outcome(alpha=alpha, history=history, before=before, after=after)
+        for _ in range(steps):
+            rec = run.step()
+            history.append(rec)
+            progress.update(gq=f"{rec['gq']:.4g}")
+        return Outcome(alpha=run.alpha, history=history, before=before, after=run.measure())
+
+    def start(self, problem: Problem) -> MetaInitRun:
+        """The state of a search on ``problem``, advanced by :meth:`MetaInitRun.step`."""
+        return MetaInitRun(self, problem)
 
     def _sign_stepper(self, space: ScaleSpace, blocks: list[int]) -> Callable[[torch.Tensor, torch.Tensor], None]:
         """Sign-SGD with momentum on the norms of ``blocks`` (no host synchronization)."""
@@ -325,3 +320,46 @@ class MetaInit(Method):
             alpha[idx] = a
 
         return step
+
+
+class MetaInitRun:
+    """One MetaInit search in progress: scales, optimizer state and the data source.
+
+    :meth:`step` is one iteration of the loop (draw a batch, GQ and its scale gradient, update);
+    :meth:`measure` evaluates GQ and loss on the fixed probe batch (drawn first in noise mode,
+    the first batch otherwise).
+    """
+
+    def __init__(self, method: MetaInit, problem: Problem) -> None:
+        cfg = method.config
+        self.method, self.problem = method, problem
+        self.space, self.ev = problem.space, problem.evaluator
+        self.draw = method.noise_source(problem) if cfg.source == "noise" else problem.next_batch
+        self.probe = self.draw() if cfg.source == "noise" else problem.batches.first
+        self.blocks = method.tuned(self.space)
+        self.alpha = self.space.ones()
+        stepper = method._sign_stepper if cfg.variant == "sign" else method._adam_stepper
+        self.update = stepper(self.space, self.blocks)
+        self.t = 0
+
+    def measure(self) -> dict[str, float]:
+        return self.method.measure(self.ev, self.space, self.alpha, self.probe)
+
+    def step(self, clock: list[tuple[str, float]] | None = None) -> dict[str, Any]:
+        """One iteration; returns its history record ``{"step", "gq", "loss"}``."""
+        batch = self.draw()
+        if clock is not None:
+            clock.append(("draw", time.perf_counter()))
+        d, gq, loss = self.method.objective(self.ev, self.space, self.alpha, batch, self.blocks, clock=clock)
+        loss_v, gq_v, d_v = torch.stack([loss.double(), gq.double(), d.double().abs().sum()]).tolist()
+        if not all(math.isfinite(v) for v in (loss_v, gq_v, d_v)):
+            raise LossError(
+                f"metainit: non-finite loss ({loss_v}), gradient quotient ({gq_v}) or scale gradient "
+                f"at step {self.t}; check the model and data, or lower lr"
+            )
+        self.update(self.alpha, d)
+        if clock is not None:
+            clock.append(("update", time.perf_counter()))
+        rec = {"step": self.t, "gq": gq_v, "loss": loss_v}
+        self.t += 1
+        return rec
