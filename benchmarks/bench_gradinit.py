@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from common import make_batches, provenance, status_kib, summary, time_train_steps
 from torch import nn
 
 import initopt
@@ -46,29 +44,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "deep_mlp": (lambda: zoo.mlp(depth=10, width=256, in_features=64), (64,)),
     "tiny_mlp": (lambda: zoo.mlp(depth=3, width=32, in_features=16), (16,)),
 }
-
-
-def make_batches(
-    shape: tuple[int, ...], batch: int, n: int = 4, seed: int = 0
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
-
-
-def time_train_steps(model: nn.Module, batches: list, iters: int) -> list[float]:
-    """Seconds of each of ``iters`` SGD steps (forward, backward, step, zero_grad)."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    model.train()
-    out = []
-    for i in range(iters):
-        x, y = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def time_gradinit(model: nn.Module, batches: list, iters: int, branch: str) -> list[float]:
@@ -98,23 +73,6 @@ def measure_time(name: str, batch: int, iters: int, repeats: int, warmup: int = 
     return out
 
 
-def summary(xs: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(xs),
-        "mean": statistics.fmean(xs),
-        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        "n": len(xs),
-    }
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_probe(name: str, batch: int, workload: str) -> int:
     """Peak RSS (KiB) of the workload above the RSS before it, in this (fresh) process.
 
@@ -134,10 +92,10 @@ def memory_probe(name: str, batch: int, workload: str) -> int:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        peak = lambda: _status_kib("VmHWM")  # noqa: E731
+        peak = lambda: status_kib("VmHWM")  # noqa: E731
     except OSError:  # pragma: no cover - not Linux
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     if workload == "train_step":
         time_train_steps(model, batches, 3)
     else:
@@ -164,22 +122,6 @@ def measure_memory(name: str, batch: int, threads: int, probes: int = 3) -> dict
         "method": "fresh subprocess per workload and probe, MALLOC_MMAP_THRESHOLD_=65536 so that freed "
         "large blocks leave RSS; kernel RSS high-water mark (VmHWM, reset after one-time imports) minus RSS "
         "before the workload (3 iterations); median of probes",
-    }
-
-
-def provenance(threads: int) -> dict[str, Any]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    except OSError:  # pragma: no cover
-        rev = "unknown"
-    return {
-        "torch": torch.__version__,
-        "initopt": initopt.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": threads,
-        "git_revision": rev,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 

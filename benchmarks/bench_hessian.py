@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import provenance, summary
 
 from initopt import zoo
 from initopt.core import Evaluator, ScaleSpace, Task, search_mode
@@ -53,29 +51,6 @@ from initopt.core.curvature import (
 )
 
 HERE = Path(__file__).resolve().parent
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(xs),
-        "mean": statistics.fmean(xs),
-        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        "n": len(xs),
-    }
-
-
-def provenance(threads: int) -> dict[str, Any]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    except OSError:  # pragma: no cover
-        rev = ""
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": threads,
-        "git_revision": rev,
-    }
 
 
 def _first_stable(values: list[float], ref: float, rel: float) -> int | None:

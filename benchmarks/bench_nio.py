@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import make_batches, provenance, status_kib, summary, time_train_steps
 from torch import nn
 
 import initopt
@@ -60,23 +60,6 @@ NIO_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "vgg11_nobn": (lambda: zoo.vgg11(batchnorm=False), (3, 32, 32)),
     "tiny_cnn": (lambda: zoo.cnn(channels=(4, 8)), (3, 8, 8)),
 }
-
-
-def make_batches(shape: tuple[int, ...], batch: int, n: int = 4, seed: int = 0, dtype=torch.float32) -> list:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(batch, *shape, generator=g, dtype=dtype), torch.randint(0, 10, (batch,), generator=g))
-        for _ in range(n)
-    ]
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(xs),
-        "mean": statistics.fmean(xs),
-        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        "n": len(xs),
-    }
 
 
 def _median_time(fn: Callable[[], Any], iters: int) -> float:
@@ -157,21 +140,6 @@ def measure_sample(name: str, batch: int, iters: int, repeats: int) -> dict[str,
 # ---- 2. NIO iteration vs training step ----------------------------------------------------
 
 
-def time_train_steps(model: nn.Module, batches: list, iters: int) -> list[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    model.train()
-    out = []
-    for i in range(iters):
-        x, y = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def run_nio(model: nn.Module, batches: list, iters: int, d: int, accelerate: bool) -> initopt.InitResult:
     return initopt.initialize_(
         copy.deepcopy(model), batches, "nio", steps=iters, num_splits=d, accelerate=accelerate, progress=False
@@ -211,14 +179,6 @@ def measure_nio(name: str, batch: int, iters: int, repeats: int) -> dict[str, An
 # ---- 3. peak memory ---------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_probe(name: str, batch: int, workload: str) -> int:
     """Peak RSS (KiB) of the workload above the RSS before it, in this fresh process."""
     make, shape = NIO_MODELS[name]
@@ -234,10 +194,10 @@ def memory_probe(name: str, batch: int, workload: str) -> int:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        peak = lambda: _status_kib("VmHWM")  # noqa: E731
+        peak = lambda: status_kib("VmHWM")  # noqa: E731
     except OSError:  # pragma: no cover - not Linux
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     if workload == "train_step":
         time_train_steps(model, batches, 3)
     else:
@@ -266,26 +226,6 @@ def measure_memory(name: str, batch: int, threads: int, probes: int, workloads: 
 
 
 # ---- driver -------------------------------------------------------------------------------
-
-
-def provenance(threads: int) -> dict[str, Any]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        )
-    except OSError:  # pragma: no cover
-        rev, dirty = "unknown", True
-    return {
-        "torch": torch.__version__,
-        "initopt": initopt.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": threads,
-        "git_revision": rev,
-        "git_dirty": dirty,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -24,15 +24,14 @@ import argparse
 import itertools
 import json
 import math
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import provenance
 from torch import nn
 
 import initopt
@@ -41,14 +40,6 @@ from initopt.data import digits, loader
 HERE = Path(__file__).resolve().parent
 STDS = (1e-5, 1e-2, 1.0)
 LAYERS = {"layer1": ["0.weight"], "layer2": ["2.weight"], "layer3": ["4.weight"]}
-
-
-def provenance(threads: int) -> dict[str, Any]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    except OSError:  # pragma: no cover
-        rev = ""
-    return {"torch": torch.__version__, "python": platform.python_version(), "threads": threads, "git_revision": rev}
 
 
 def make_model(seed: int, std: float) -> nn.Sequential:
