@@ -56,7 +56,7 @@ def test_per_layer_values_match_plain_autograd_and_dense_hessian():
         ev = torch.linalg.eigvalsh(H)
         torch.testing.assert_close(row["hessian_spectral"], float(ev.abs().max()), rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(row["hessian_frobenius"], float(H.norm()), rtol=0.25, atol=0)
-    torch.testing.assert_close(report.model["loss"], float(loss))
+    torch.testing.assert_close(report.model["loss"], float(loss.detach()))
 
 
 def test_diagnose_is_read_only_and_reports_every_measure():
