@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import make_batches, provenance, status_kib, summary, time_train_steps
+from common import make_batches, peak_kib_above_start, provenance, summary, time_train_steps
 from torch import nn
 
 import initopt
@@ -89,18 +88,9 @@ def memory_probe(name: str, batch: int, workload: str) -> int:
     time_train_steps(tiny(), tiny_batches, 1)
     time_gradinit(tiny(), tiny_batches, 1, "objective")
     time_gradinit(tiny(), tiny_batches, 1, "constraint")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        peak = lambda: status_kib("VmHWM")  # noqa: E731
-    except OSError:  # pragma: no cover - not Linux
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-    before = status_kib("VmRSS")
     if workload == "train_step":
-        time_train_steps(model, batches, 3)
-    else:
-        time_gradinit(model, batches, 3, workload)
-    return peak() - before
+        return peak_kib_above_start(lambda: time_train_steps(model, batches, 3))
+    return peak_kib_above_start(lambda: time_gradinit(model, batches, 3, workload))
 
 
 def measure_memory(name: str, batch: int, threads: int, probes: int = 3) -> dict[str, Any]:

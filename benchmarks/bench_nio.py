@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import make_batches, provenance, status_kib, summary, time_train_steps
+from common import make_batches, peak_kib_above_start, provenance, summary, time_train_steps
 from torch import nn
 
 import initopt
@@ -191,19 +190,10 @@ def memory_probe(name: str, batch: int, workload: str) -> int:
     time_train_steps(tiny(), tiny_batches, 1)
     run_nio(tiny(), tiny_batches, 1, 2, True)
     run_nio(tiny(), tiny_batches, 1, 2, False)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        peak = lambda: status_kib("VmHWM")  # noqa: E731
-    except OSError:  # pragma: no cover - not Linux
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-    before = status_kib("VmRSS")
     if workload == "train_step":
-        time_train_steps(model, batches, 3)
-    else:
-        d, acc = NIO_WORKLOADS[workload]
-        run_nio(model, batches, 3, d, acc)
-    return peak() - before
+        return peak_kib_above_start(lambda: time_train_steps(model, batches, 3))
+    d, acc = NIO_WORKLOADS[workload]
+    return peak_kib_above_start(lambda: run_nio(model, batches, 3, d, acc))
 
 
 def measure_memory(name: str, batch: int, threads: int, probes: int, workloads: list[str]) -> dict[str, Any]:

@@ -4,9 +4,11 @@ training-step baseline and the kernel's memory counters (Linux)."""
 from __future__ import annotations
 
 import platform
+import resource
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,20 @@ def status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_kib_above_start(workload: Callable[[], Any]) -> int:
+    """Peak RSS (KiB) of ``workload()`` above the RSS before it, in this process.
+
+    The kernel's high-water mark is reset first (``/proc/self/clear_refs`` ``5``), so earlier
+    peaks (importing torch, warm-ups) do not count; without that, ``ru_maxrss`` is the fallback.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        peak = lambda: status_kib("VmHWM")  # noqa: E731
+    except OSError:  # pragma: no cover - not Linux
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
+    before = status_kib("VmRSS")
+    workload()
+    return peak() - before
