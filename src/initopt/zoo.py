@@ -20,6 +20,7 @@ __all__ = [
     "build",
     "cnn",
     "mlp",
+    "plain_cnn",
     "post_ln_transformer",
     "resnet",
     "tied_lm",
@@ -87,6 +88,41 @@ def vgg11(in_channels: int = 3, num_classes: int = 10, batchnorm: bool = False) 
         layers.append(nn.ReLU(inplace=True))
         c = v
     layers += [nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def plain_cnn(
+    depth: int = 12,
+    width: int = 32,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    batchnorm: bool = False,
+    dim: int = 1,
+    input_shape: tuple[int, ...] | None = None,
+) -> nn.Sequential:
+    """Deep plain CNN: ``depth`` 3-wide ``dim``-D convolutions of ``width`` channels (+BN) and
+    activations, no pooling and no skips, then global average pooling and a linear head.
+
+    ``input_shape`` (e.g. ``(40,)`` for MNIST-1D, ``(8, 8)`` for digits) reshapes flat inputs of
+    ``in_channels * prod(input_shape)`` features into ``(in_channels, *input_shape)`` first.
+    """
+    if dim not in (1, 2):
+        raise ValueError(f"dim must be 1 or 2, got {dim}")
+    conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    norm = nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d
+    layers: list[nn.Module] = []
+    if input_shape is not None:
+        layers.append(nn.Unflatten(1, (in_channels, *input_shape)))
+    c = in_channels
+    for _ in range(depth):
+        layers.append(conv(c, width, 3, padding=1, bias=not batchnorm))
+        if batchnorm:
+            layers.append(norm(width))
+        layers.append(activation())
+        c = width
+    layers += [nn.AdaptiveAvgPool1d(1) if dim == 1 else nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers.append(nn.Linear(c, num_classes))
     return nn.Sequential(*layers)
 
 
@@ -200,6 +236,7 @@ def tied_lm(**kw: Any) -> TiedLM:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
+    "plain_cnn": plain_cnn,
     "vgg11": vgg11,
     "resnet": resnet,
     "post_ln_transformer": post_ln_transformer,

@@ -1,0 +1,227 @@
+"""The harness every claims study (``benchmarks/study_*.py``) shares.
+
+A study trains one task from several initializations over several seeds with
+:func:`initopt.compare.compare` (the engine behind ``initopt compare``), compares each
+initialization with the baselines *paired by seed* (same seed: same model draw, same batch
+order), repeats its headline case at 1 and 2 threads, and writes one JSON file
+``benchmarks/results/study_<name>.json`` with this layout (the README's tables are rendered
+from it by ``benchmarks/readme_tables.py``)::
+
+    {"study": name, "claim": "...", "provenance": {...}, "config": {...},
+     "table": {"title": "...", "columns": [...], "rows": [[...], ...]},
+     "verdicts": [{"claim": "...", "verdict": "supported" | "not supported" | "inconclusive",
+                   "evidence": "..."}],
+     "notes": ["..."], "runs": [...]}
+
+Verdict rule (:func:`verdict`): a paired difference is *supported* when its mean exceeds the
+margin by more than two standard errors at every thread count, *not supported* when it is
+below the margin by more than two standard errors at any thread count or when the thread
+counts disagree in sign, and *inconclusive* otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import provenance
+from torch import nn
+
+from initopt.compare import compare
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+__all__ = [
+    "RESULTS",
+    "fmt",
+    "kaiming_",
+    "paired",
+    "rows_by_init",
+    "train_grid",
+    "verdict",
+    "write_study",
+]
+
+
+def kaiming_(model: nn.Module, nonlinearity: str = "relu") -> nn.Module:
+    """PyTorch's Kaiming-normal init (fan-in) on every Linear/Conv weight, zero biases."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity=nonlinearity)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    return model
+
+
+def train_grid(
+    make_model: Callable[[], nn.Module],
+    train: Any,
+    test: Any,
+    inits: Sequence[Any],
+    *,
+    seeds: Sequence[int],
+    threads: int = 1,
+    start: str = "default",
+    log: Callable[[str], None] | None = print,
+    **train_kw: Any,
+) -> list[dict[str, Any]]:
+    """:func:`initopt.compare.compare` at ``threads`` threads; returns its per-run records
+    (training curves dropped but for their length), tagged with ``threads`` and ``start``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        report = compare(make_model, train, test, inits, seeds=seeds, progress=False, **train_kw)
+    finally:
+        torch.set_num_threads(old)
+    runs = []
+    for r in report.runs:
+        r = dict(r)
+        curve = r.pop("train_loss")
+        r["train_loss_every_10"] = curve[::10]
+        r.update(threads=threads, start=start, train_steps=train_kw.get("steps", 200))
+        if log:
+            log(
+                f"  [{start} / {threads} thr] {r['init']:>28} seed {r['seed']}: "
+                f"epoch-1 acc {_f(r['epoch1_test_acc'])}, final acc {r['final_test_acc']:.3f}"
+                f"{' DIVERGED' if r['diverged'] else ''}, init {r['init_in_train_steps'] or 0:.0f} train steps"
+            )
+        runs.append(r)
+    return runs
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _select(runs: list[dict[str, Any]], init: str, threads: int, start: str | None) -> dict[int, dict[str, Any]]:
+    return {
+        r["seed"]: r
+        for r in runs
+        if r["init"] == init and r["threads"] == threads and (start is None or r["start"] == start)
+    }
+
+
+def paired(
+    runs: list[dict[str, Any]],
+    a: tuple[str, str],
+    b: tuple[str, str],
+    key: str = "final_test_acc",
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Per-seed difference ``a - b`` of ``key``; ``a`` and ``b`` are ``(start, init)`` pairs.
+
+    A diverged run counts with accuracy 0 (as :func:`~initopt.compare.compare` records it).
+    """
+    ra, rb = _select(runs, a[1], threads, a[0]), _select(runs, b[1], threads, b[0])
+    seeds = sorted(set(ra) & set(rb))
+    diffs = [ra[s][key] - rb[s][key] for s in seeds if ra[s][key] is not None and rb[s][key] is not None]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    std = statistics.stdev(diffs) if n > 1 else 0.0
+    return {
+        "a": list(a),
+        "b": list(b),
+        "key": key,
+        "threads": threads,
+        "diffs": diffs,
+        "mean": mean,
+        "std": std,
+        "se": std / math.sqrt(n) if n else math.nan,
+        "n": n,
+        "wins": sum(d > 0 for d in diffs),
+    }
+
+
+def verdict(pairs: Sequence[dict[str, Any]], margin: float = 0.0) -> str:
+    """``supported`` / ``not supported`` / ``inconclusive`` for "a beats b by more than
+    ``margin``", given the same paired comparison at one or more thread counts."""
+    if not pairs or any(p["n"] < 2 for p in pairs):
+        return "inconclusive"
+    lo = [p["mean"] - 2 * p["se"] for p in pairs]
+    hi = [p["mean"] + 2 * p["se"] for p in pairs]
+    if all(x > margin for x in lo):
+        return "supported"
+    signs = {p["mean"] > margin for p in pairs}
+    if any(x < margin for x in hi) or len(signs) > 1:
+        return "not supported"
+    return "inconclusive"
+
+
+def fmt(p: dict[str, Any], scale: float = 100.0, unit: str = " pts") -> str:
+    """``+3.1 ± 2.0 pts (4/5 seeds)`` for a :func:`paired` result (accuracy in points)."""
+    return f"{p['mean'] * scale:+.1f} ± {p['std'] * scale:.1f}{unit} ({p['wins']}/{p['n']} seeds)"
+
+
+def stat(values: Sequence[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def rows_by_init(
+    runs: list[dict[str, Any]], threads: int = 1, start: str | None = None, labels: Sequence[str] | None = None
+) -> list[list[str]]:
+    """One table row per (start, init) at ``threads``: epoch-1 and final accuracy mean ± std,
+    diverged seeds, init cost in training steps and as a share of the training time."""
+    rows = []
+    keys = dict.fromkeys((r["start"], r["init"]) for r in runs if r["threads"] == threads)
+    for st, init in keys:
+        if start is not None and st != start:
+            continue
+        if labels is not None and init not in labels:
+            continue
+        rs = [r for r in runs if r["threads"] == threads and r["start"] == st and r["init"] == init]
+        e1 = stat([r["epoch1_test_acc"] for r in rs])
+        fin = stat([r["final_test_acc"] for r in rs])
+        cost = stat([r["init_in_train_steps"] or 0.0 for r in rs])
+        steps = rs[0]["train_steps"] if "train_steps" in rs[0] else None
+        share = f"{100 * cost[0] / steps:.0f} %" if steps else "n/a"
+        div = [r["seed"] for r in rs if r["diverged"]]
+        rows.append(
+            [
+                f"{st} → {init}" if init != "default" else st,
+                f"{e1[0]:.3f} ± {e1[1]:.3f}",
+                f"{fin[0]:.3f} ± {fin[1]:.3f}",
+                f"{len(div)}/{len(rs)}" + (f" (seeds {', '.join(map(str, div))})" if div else ""),
+                f"{cost[0]:.0f}",
+                share,
+            ]
+        )
+    return rows
+
+
+TABLE_COLUMNS = [
+    "start → init",
+    "test acc, epoch 1",
+    "test acc, end",
+    "diverged",
+    "init cost (train steps)",
+    "init / training time",
+]
+
+
+def write_study(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    """Write ``study_<name>.json`` (with provenance) and return its path."""
+    path = out or RESULTS / f"study_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"study": name, **payload, "provenance": provenance(torch.get_num_threads())}
+    path.write_text(json.dumps(_finite(payload), indent=1, default=str) + "\n")
+    return path
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats become ``None``."""
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
