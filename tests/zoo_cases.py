@@ -51,6 +51,8 @@ METHOD_CASES: list[tuple[str, dict[str, Any], int]] = [
     ("hessian", {}, 2),
     ("nio", {"num_splits": 2, "lr": 0.05}, 3),
     ("metainit", {"source": "batches"}, 3),
+    ("lsuv", {"max_iters": 3}, 2),
+    ("kaiming", {"fan": "out"}, 1),
 ]
 
 

@@ -20,11 +20,15 @@ from initopt.diagnostics.quotient import GradientQuotient, gradient_quotient
 from initopt.diagnostics.report import Report, diagnose
 from initopt.errors import ConfigError, DataError, InitOptError, LossError, ModelError
 from initopt.methods import (
+    LSUV,
     NIO,
     GradInit,
     GradInitConfig,
     HessianInit,
     HessianInitConfig,
+    Kaiming,
+    KaimingConfig,
+    LSUVConfig,
     MetaInit,
     MetaInitConfig,
     Method,
@@ -38,6 +42,7 @@ from initopt.result import InitResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "LSUV",
     "NIO",
     "ConfigError",
     "DataError",
@@ -50,6 +55,9 @@ __all__ = [
     "HessianTracker",
     "InitOptError",
     "InitResult",
+    "Kaiming",
+    "KaimingConfig",
+    "LSUVConfig",
     "LossError",
     "MetaInit",
     "MetaInitConfig",

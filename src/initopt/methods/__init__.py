@@ -3,15 +3,21 @@
 from initopt.methods.base import Method, Outcome, Problem, get_method, methods, register
 from initopt.methods.gradinit import GradInit, GradInitConfig
 from initopt.methods.hessian import HessianInit, HessianInitConfig
+from initopt.methods.kaiming import Kaiming, KaimingConfig
+from initopt.methods.lsuv import LSUV, LSUVConfig
 from initopt.methods.metainit import MetaInit, MetaInitConfig
 from initopt.methods.nio import NIO, NIOConfig
 
 __all__ = [
+    "LSUV",
     "NIO",
     "GradInit",
     "GradInitConfig",
     "HessianInit",
     "HessianInitConfig",
+    "Kaiming",
+    "KaimingConfig",
+    "LSUVConfig",
     "MetaInit",
     "MetaInitConfig",
     "Method",

@@ -1,0 +1,247 @@
+"""The affine layers of a network, found by recording one forward pass.
+
+A weight tensor (two or more dimensions) is an *affine weight* when the forward pass uses it
+as the ``weight`` argument of ``F.linear`` or ``F.conv1d/2d/3d``, or as the
+``in_proj_weight`` / ``out_proj_weight`` of ``F.multi_head_attention_forward`` (what
+``nn.MultiheadAttention`` calls; its ``out_proj`` module is never called itself, so module
+hooks would miss it). The calls are seen by a ``TorchFunctionMode`` at the level of torch
+functions, so ``nn.Linear`` and a hand-written ``F.linear(x, self.w)`` look alike, and
+tensors are recognized by identity, never by their names or module types.
+
+Any other use of a watched tensor that produces a tensor (``F.embedding``, indexing a
+position table, ``w.t()`` in custom code, the separate ``q/k/v_proj_weight`` of attention
+with ``kdim != embed_dim``) is recorded as well, so that callers can leave such tensors
+alone. Metadata reads (``w.shape``, ``w.device``, ``w.dim()``) are ignored.
+
+With ``measure=True`` the recorder also accumulates, per weight, the mean and variance of
+every output element of its affine calls (float64, pooled over repeated calls), which is
+what LSUV sets.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from initopt.core.batches import Batch
+from initopt.core.functional import Evaluator
+
+__all__ = ["AffineTrace", "AffineUse", "record_affine"]
+
+_AFFINE = {
+    F.linear: "linear",
+    F.conv1d: "conv1d",
+    F.conv2d: "conv2d",
+    F.conv3d: "conv3d",
+}
+_MHA = F.multi_head_attention_forward
+_MHA_SIG = inspect.signature(_MHA)
+
+
+def _fname(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    mod = getattr(func, "__module__", "") or ""
+    if mod.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if name.startswith(("_TensorBase.", "TensorBase.")):
+        name = "Tensor." + name.split(".", 1)[1]
+    return name if "." in name else f"torch.{name}"
+
+
+def _tensors_in(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors_in(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors_in(v)]
+    return []
+
+
+@dataclass
+class AffineUse:
+    """How one watched tensor was used in the recorded forward pass.
+
+    Attributes:
+        index: position of the tensor in the list passed to :func:`record_affine` (the block).
+        calls: kind of every affine call that used it as its weight, in call order
+            (``"linear"``, ``"conv2d"``, ``"mha.in_proj"``, ``"mha.out_proj"``, ...).
+        other: names of the other functions that used it (``"F.embedding"``, ...).
+        count, mean, m2: number of output elements of its affine calls, their mean and sum of
+            squared deviations (float64 scalars; only with ``measure=True``).
+    """
+
+    index: int
+    calls: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    count: int = 0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def add(self, out: torch.Tensor) -> None:
+        """Pool the elements of one affine output into the running mean and variance (Chan et al.)."""
+        x = out.detach().reshape(-1).double()
+        n = x.numel()
+        if n == 0:
+            return
+        var, mean = torch.var_mean(x, correction=0)
+        m2 = var * n
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
+
+    @property
+    def variance(self) -> torch.Tensor | None:
+        """Population variance of all output elements of its affine calls (``None``: not measured)."""
+        if self.m2 is None or self.count == 0:
+            return None
+        return self.m2 / self.count
+
+
+@dataclass
+class AffineTrace:
+    """What one recorded forward pass saw: per watched tensor, its uses; ``order``: the tensors
+    with at least one affine call, in the order of their first call."""
+
+    uses: dict[int, AffineUse]
+    order: list[int]
+
+    def note(self, index: int) -> str | None:
+        """Why tensor ``index`` is not an affine weight that can be rescaled on its own (``None``: it is)."""
+        use = self.uses.get(index)
+        if use is None or (not use.calls and not use.other):
+            return (
+                "not used in the forward pass as the weight of F.linear, F.conv1d/2d/3d or "
+                "F.multi_head_attention_forward"
+            )
+        others = ", ".join(dict.fromkeys(use.other))
+        if not use.calls:
+            return f"not the weight of an affine layer (used by {others})"
+        if use.other:
+            return f"an affine weight that is also used by {others} (e.g. tied to an embedding)"
+        return None
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, watch: dict[int, int], measure: bool) -> None:
+        super().__init__()
+        self.watch = watch
+        self.measure = measure
+        self.uses: dict[int, AffineUse] = {}
+        self.order: list[int] = []
+
+    def _use(self, t: Any) -> AffineUse | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        i = self.watch.get(id(t))
+        if i is None:
+            return None
+        if i not in self.uses:
+            self.uses[i] = AffineUse(i)
+        return self.uses[i]
+
+    def _affine(self, t: Any, kind: str, outs: Sequence[torch.Tensor]) -> bool:
+        use = self._use(t)
+        if use is None:
+            return False
+        if not use.calls:
+            self.order.append(use.index)
+        use.calls.append(kind)
+        if self.measure:
+            for o in outs:
+                use.add(o)
+        return True
+
+    def _others(self, func: Any, tensors: list[torch.Tensor], skip: set[int]) -> None:
+        name = _fname(func)
+        for t in tensors:
+            if id(t) in skip:
+                continue
+            use = self._use(t)
+            if use is not None:
+                use.other.append(name)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is _MHA:
+            self._attention(args, kwargs, out)
+            return out
+        kind = _AFFINE.get(func)
+        if kind is not None and isinstance(out, torch.Tensor):
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            skip = {id(weight)} if self._affine(weight, kind, [out]) else set()
+            self._others(func, _tensors_in(list(args) + list(kwargs.values())), skip)
+            return out
+        if _tensors_in(out):
+            self._others(func, _tensors_in(list(args) + list(kwargs.values())), set())
+        return out
+
+    def _attention(self, args: tuple, kwargs: dict, out: Any) -> None:
+        """``F.multi_head_attention_forward``: the packed input projection and the output projection."""
+        try:
+            bound = _MHA_SIG.bind(*args, **kwargs)
+        except TypeError:  # pragma: no cover - a future signature
+            self._others(_MHA, _tensors_in(list(args) + list(kwargs.values())), set())
+            return
+        a = bound.arguments
+        skip: set[int] = set()
+        w_in, b_in = a.get("in_proj_weight"), a.get("in_proj_bias")
+        if not a.get("use_separate_proj_weight", False) and isinstance(w_in, torch.Tensor):
+            outs: list[torch.Tensor] = []
+            if self.measure and self._use(w_in) is not None:
+                outs = _in_projection(a["query"], a["key"], a["value"], w_in, b_in)
+            if self._affine(w_in, "mha.in_proj", outs):
+                skip.add(id(w_in))
+        w_out = a.get("out_proj_weight")
+        result = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(w_out, torch.Tensor) and isinstance(result, torch.Tensor):
+            if self._affine(w_out, "mha.out_proj", [result]):
+                skip.add(id(w_out))
+        self._others(_MHA, _tensors_in(list(a.values())), skip)
+
+
+def _in_projection(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """The outputs of the packed q/k/v projection, as ``F.multi_head_attention_forward`` computes them."""
+    with torch.no_grad():
+        if k is q and v is q:
+            return [F.linear(q, w, b)]
+        ws = w.chunk(3)
+        bs = b.chunk(3) if b is not None else (None, None, None)
+        return [F.linear(x, wi, bi) for x, wi, bi in zip((q, k, v), ws, bs, strict=True)]
+
+
+def record_affine(
+    evaluator: Evaluator,
+    tensors: Sequence[torch.Tensor],
+    batch: Batch,
+    *,
+    measure: bool = True,
+) -> tuple[AffineTrace, torch.Tensor]:
+    """Run the model and its loss once at ``tensors`` (one per block) and record the affine calls.
+
+    Every tensor of ``tensors`` with two or more dimensions is watched. Runs under
+    ``torch.no_grad``; with ``measure=True`` the output statistics of every affine call of a
+    watched tensor are pooled (:class:`AffineUse`).
+
+    Returns:
+        The trace and the loss.
+    """
+    watch = {id(t): i for i, t in enumerate(tensors) if t.ndim >= 2}
+    rec = _Recorder(watch, measure)
+    with torch.no_grad(), rec:
+        loss = evaluator.loss(list(tensors), batch)
+    return AffineTrace(rec.uses, rec.order), loss
