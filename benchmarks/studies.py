@@ -68,11 +68,12 @@ def train_grid(
     seeds: Sequence[int],
     threads: int = 1,
     start: str = "default",
+    tags: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
     **train_kw: Any,
 ) -> list[dict[str, Any]]:
     """:func:`initopt.compare.compare` at ``threads`` threads; returns its per-run records
-    (training curves dropped but for their length), tagged with ``threads`` and ``start``."""
+    (training curves kept every 10th step), tagged with ``threads``, ``start`` and ``tags``."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -84,7 +85,7 @@ def train_grid(
         r = dict(r)
         curve = r.pop("train_loss")
         r["train_loss_every_10"] = curve[::10]
-        r.update(threads=threads, start=start, train_steps=train_kw.get("steps", 200))
+        r.update(threads=threads, start=start, train_steps=train_kw.get("steps", 200), **(tags or {}))
         if log:
             log(
                 f"  [{start} / {threads} thr] {r['init']:>28} seed {r['seed']}: "
@@ -225,3 +226,132 @@ def _finite(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The deep-network tasks shared by the studies of deep plain networks and of starting points.
+
+
+def _mnist1d() -> tuple[Any, Any]:
+    from initopt.data import mnist1d
+
+    return mnist1d(num_samples=4000, seed=0)
+
+
+def _digits() -> tuple[Any, Any]:
+    from initopt.data import digits
+
+    return digits()
+
+
+def deep_tasks(quick: bool = False) -> dict[str, dict[str, Any]]:
+    """Deep plain networks (no normalization, no skips) and one BatchNorm control.
+
+    Each task: ``make(start)`` builds a fresh model (``start``: ``"default"`` = PyTorch's own
+    init, ``"kaiming"`` = :func:`kaiming_`), ``data()`` returns ``(train, test)``, ``act`` the
+    activation's name, and the training settings (SGD with momentum 0.9 at a fixed lr).
+    """
+    from initopt import zoo
+
+    d, w_mlp, w_cnn = (4, 16, 8) if quick else (16, 96, 24)
+    acts = {"relu": nn.ReLU, "silu": nn.SiLU}
+
+    def builder(factory: Callable[[], nn.Module], act: str) -> Callable[[str], nn.Module]:
+        def make(start: str = "default") -> nn.Module:
+            m = factory()
+            return kaiming_(m) if start == "kaiming" else m
+
+        return make
+
+    specs = {
+        "mlp16_relu_mnist1d": (lambda: zoo.mlp(depth=d, width=w_mlp, in_features=40), "relu", _mnist1d),
+        "cnn16_relu_mnist1d": (
+            lambda: zoo.plain_cnn(depth=d, width=w_cnn, input_shape=(40,)),
+            "relu",
+            _mnist1d,
+        ),
+        "cnn16_silu_mnist1d": (
+            lambda: zoo.plain_cnn(depth=d, width=w_cnn, activation=acts["silu"], input_shape=(40,)),
+            "silu",
+            _mnist1d,
+        ),
+        "cnn12_relu_digits": (
+            lambda: zoo.plain_cnn(depth=3 if quick else 12, width=w_cnn, dim=2, input_shape=(8, 8)),
+            "relu",
+            _digits,
+        ),
+        "mlp16_relu_digits": (lambda: zoo.mlp(depth=d, width=w_mlp, in_features=64), "relu", _digits),
+        "cnn16_relu_bn_mnist1d": (
+            lambda: zoo.plain_cnn(depth=d, width=w_cnn, batchnorm=True, input_shape=(40,)),
+            "relu",
+            _mnist1d,
+        ),
+    }
+    return {
+        name: {"make": builder(f, act), "act": act, "data": data, "batchnorm": "bn" in name}
+        for name, (f, act, data) in specs.items()
+    }
+
+
+def baseline_of(runs: list[dict], key: str = "final_test_acc") -> tuple[str, str]:
+    """The better (by mean ``key`` at 1 thread) of the default and the Kaiming init."""
+    best, score = ("default", "default"), -1.0
+    for start in ("default", "kaiming"):
+        vals = [r[key] or 0.0 for r in runs if r["start"] == start and r["init"] == "default" and r["threads"] == 1]
+        if vals and statistics.fmean(vals) > score:
+            best, score = (start, "default"), statistics.fmean(vals)
+    return best
+
+
+def thread_spread(runs: list[dict[str, Any]], key: str = "final_test_acc") -> list[float]:
+    """``|key at 1 thread - key at 2 threads|`` for every (start, init, seed) run at both."""
+    two = {(r["start"], r["init"], r["seed"]): r for r in runs if r["threads"] == 2}
+    out = []
+    for r in runs:
+        other = two.get((r["start"], r["init"], r["seed"])) if r["threads"] == 1 else None
+        if other is not None and r[key] is not None and other[key] is not None:
+            out.append(abs(r[key] - other[key]))
+    return out
+
+
+def plot_final_acc(runs: list[dict], names: list[str], path: Path) -> None:
+    """Final test accuracy per (start, init), one panel per task, one dot per seed (1 thread)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        rs = [r for r in runs if r["task"] == name and r["threads"] == 1]
+        keys = list(dict.fromkeys((r["start"], r["init"]) for r in rs))
+        for i, key in enumerate(keys):
+            acc = [r["final_test_acc"] for r in rs if (r["start"], r["init"]) == key]
+            ax.scatter([i] * len(acc), acc, s=12)
+            ax.plot([i - 0.3, i + 0.3], [statistics.fmean(acc)] * 2, color="k", lw=1)
+        ax.set_xticks(range(len(keys)), [f"{s}→{m}" if m != "default" else s for s, m in keys], rotation=90, fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.set_ylabel("final test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def judge(
+    runs: list[dict[str, Any]], a: tuple[str, str], b: tuple[str, str], claim: str, key: str = "final_test_acc"
+) -> dict[str, Any]:
+    """The verdict on "``a`` beats ``b`` in ``key``", paired by seed at every thread count in ``runs``."""
+    pairs = [q for q in (paired(runs, a, b, key, threads=t) for t in sorted({r["threads"] for r in runs})) if q["n"]]
+    tasks = {r.get("task") for r in runs}
+    return {
+        "task": tasks.pop() if len(tasks) == 1 else None,
+        "claim": claim,
+        "verdict": verdict(pairs),
+        "evidence": "; ".join(f"{q['threads']} thr: {fmt(q)}" for q in pairs),
+        "a": list(a),
+        "b": list(b),
+        "key": key,
+        "pairs": pairs,
+    }

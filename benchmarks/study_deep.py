@@ -1,0 +1,143 @@
+"""Claims study 1: deep networks without normalization (GradInit Table 1; MetaInit).
+
+Claim (GradInit, Zhu et al. 2021, Table 1; MetaInit, Dauphin & Schoenholz 2019): starting
+from a standard initialization, the learned initializations make deep networks without
+normalization or skip connections train faster in the first epoch and reach a better
+accuracy than the standard initialization; with BatchNorm the gain is smaller.
+
+Setting: deep plain networks (16 layers; no normalization, no skips) on MNIST-1D (generated
+offline) and scikit-learn's digits: an MLP of width 96, 1-D CNNs of width 24 with ReLU and
+with SiLU (a smooth activation), and the 16-layer CNN with BatchNorm as a control (a 12-layer
+2-D CNN on digits, ``--tasks cnn12_relu_digits``, is left out of the default run for time).
+SGD with momentum 0.9 at a fixed lr (``--lr``), batch 64. Baselines:
+PyTorch's default init, Kaiming-normal (fan-in, zero biases), LSUV and the Hessian-norm rule
+(from the default init); GradInit, MetaInit and NIO at the spec's settings start from Kaiming,
+as their papers do (the study of starting points, ``study_start.py``, tries the others).
+
+Every comparison is paired by seed (same seed: same model draw, same batch order) against the
+better of the two plain baselines (default, Kaiming) on that task, and the headline task is
+run at 1 and at 2 threads; the verdict rule is in ``studies.py``. Writes
+``results/study_deep.json`` and ``results/study_deep.png``.
+
+    python benchmarks/study_deep.py            # default size (about 15 minutes on one thread)
+    python benchmarks/study_deep.py --quick    # tiny, seconds (what CI runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from studies import (
+    RESULTS,
+    TABLE_COLUMNS,
+    baseline_of,
+    deep_tasks,
+    fmt,
+    judge,
+    plot_final_acc,
+    rows_by_init,
+    thread_spread,
+    train_grid,
+    write_study,
+)
+
+import initopt
+
+CLAIM = (
+    "Learned initializations (GradInit, MetaInit, NIO, from Kaiming as in their papers) make deep plain "
+    "networks train faster in the first epoch and end better than the better of PyTorch's default and "
+    "Kaiming init; the Hessian-norm rule and LSUV are the analytic/data-driven baselines."
+)
+LEARNED = ["gradinit", "metainit", "nio"]
+HEADLINE = "mlp16_relu_mnist1d"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models and runs (seconds)")
+    p.add_argument("--out", type=Path, default=RESULTS / "study_deep.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
+    args = p.parse_args(argv)
+    steps = args.steps or (12 if args.quick else 200)
+    tasks = deep_tasks(quick=args.quick)
+    names = args.tasks or [n for n in tasks if n != "cnn12_relu_digits"]  # the 2-D CNN: --tasks only (slow)
+    baselines = ["hessian"] + (["lsuv"] if "lsuv" in initopt.methods() else [])
+    learned = [(m, (m, {"steps": 3})) if args.quick else m for m in LEARNED]
+    if args.quick:
+        baselines = [(m, (m, {"steps": 2})) for m in baselines]
+    train_kw = {"steps": steps, "lr": args.lr, "momentum": 0.9, "batch_size": 64 if not args.quick else 16}
+    t_start = time.perf_counter()
+    runs: list[dict] = []
+    for name in names:
+        task = tasks[name]
+        train, test = task["data"]()
+        if args.quick:
+            train = torch.utils.data.TensorDataset(*(t[:96] for t in train.tensors))
+        print(f"{name}: {len(train)} training examples, {steps} steps of batch {train_kw['batch_size']}")
+        seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4] if name.startswith("mlp") else [0, 1, 2])
+        for threads in (1, 2) if name == HEADLINE or args.quick else (1,):
+            kw = {"seeds": seeds, "threads": threads, "tags": {"task": name}, **train_kw}
+            runs += train_grid(lambda t=task: t["make"]("default"), train, test, ["default", *baselines], **kw)
+            runs += train_grid(
+                lambda t=task: t["make"]("kaiming"), train, test, ["default", *learned], start="kaiming", **kw
+            )
+    seconds = time.perf_counter() - t_start
+
+    # paired comparisons against the better plain baseline, per task and metric
+    labels = [b if isinstance(b, str) else b[0] for b in baselines]
+    candidates = [("default", lab) for lab in labels] + [
+        ("kaiming", m if isinstance(m, str) else m[0]) for m in learned
+    ]
+    verdicts, table_rows = [], []
+    for name in names:
+        rs = [r for r in runs if r["task"] == name]
+        base = baseline_of(rs)
+        row = [name, base[0]]
+        for cand in candidates:
+            label = f"{cand[0]} → {cand[1]}"
+            fin = judge(rs, cand, base, f"{label} beats {base[0]} at the end of training on {name}")
+            e1 = judge(rs, cand, base, f"{label} beats {base[0]} after one epoch on {name}", "epoch1_test_acc")
+            verdicts += [fin, e1]
+            row.append(f"{fmt(fin['pairs'][0])}; epoch 1 {fmt(e1['pairs'][0])} — {fin['verdict']}")
+        table_rows.append(row)
+    spread = thread_spread([r for r in runs if r["task"] == HEADLINE])
+    notes = [
+        f"Training: SGD, momentum 0.9, lr {args.lr}, {steps} steps, batch {train_kw['batch_size']}; "
+        "seeds 0-4 for the MLPs, 0-2 for the CNNs (paired by seed).",
+        f"Thread check on {HEADLINE}: |final acc at 1 thread - at 2 threads| per (init, seed): "
+        + (f"mean {statistics.fmean(spread):.3f}, max {max(spread):.3f} over {len(spread)} runs." if spread else "n/a"),
+        f"Wall time of the study: {seconds:.0f} s.",
+    ]
+    per_task_tables = {name: rows_by_init([r for r in runs if r["task"] == name], threads=1) for name in names}
+    payload = {
+        "claim": CLAIM,
+        "config": {"seeds": args.seeds or "5 for MLPs, 3 for CNNs", "tasks": names, "quick": args.quick, **train_kw},
+        "table": {
+            "title": "Paired difference in final test accuracy (and epoch 1) against the better plain baseline",
+            "columns": ["task", "better baseline", *[f"{s} → {m}" for s, m in candidates]],
+            "rows": table_rows,
+        },
+        "task_tables": {"columns": TABLE_COLUMNS, "tables": per_task_tables},
+        "verdicts": verdicts,
+        "notes": notes,
+        "seconds": seconds,
+        "runs": runs,
+    }
+    path = write_study("deep", payload, args.out)
+    plot_final_acc(runs, names, path.with_suffix(".png"))
+    print("\n".join(notes))
+    for v in verdicts:
+        print(f"{v['verdict']:>14}: {v['claim']} ({v['evidence']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
