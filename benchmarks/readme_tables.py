@@ -1,4 +1,4 @@
-"""Render the README's benchmark tables from the committed JSON results.
+"""Render the README's (and docs/studies.md's) benchmark tables from the committed JSON results.
 
 Each table sits between ``<!-- key -->`` and ``<!-- /key -->`` in README.md and is rewritten
 from ``benchmarks/results/*.json`` by ``python benchmarks/readme_tables.py``; ``--check``
@@ -181,7 +181,75 @@ def _generic(name: str, script: str) -> Callable[[], str]:
     return render
 
 
+STUDIES = {
+    "deep": ("study_deep.py", "Deep plain networks (GradInit Table 1, MetaInit)"),
+    "recovery": ("study_recovery.py", "Recovery from bad initialization (MetaInit)"),
+    "transformer": ("study_transformer.py", "Post-LN Transformer without warmup (GradInit, NIO)"),
+    "predictors": ("study_predictors.py", "GradCosine predicts trainability (NIO's theory)"),
+    "start": ("study_start.py", "Starting point and pipelines"),
+    "gradinit": ("study_gradinit.py", "Why GradInit from Kaiming can lose (ablations)"),
+}
+
+
+def _cell(x: object) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(columns: list[str], rows: list[list[object]]) -> list[str]:
+    return [
+        "| " + " | ".join(_cell(c) for c in columns) + " |",
+        "|" + " --- |" * len(columns),
+        *("| " + " | ".join(_cell(c) for c in row) + " |" for row in rows),
+    ]
+
+
+def _counts(verdicts: list[dict]) -> str:
+    n = {k: sum(v["verdict"] == k for v in verdicts) for k in ("supported", "not supported", "inconclusive")}
+    return f"{n['supported']} supported, {n['not supported']} not supported, {n['inconclusive']} inconclusive"
+
+
+def claims() -> str:
+    """One row per study: the claim, the verdict counts, the script and its result files."""
+    rows = []
+    for key, (script, title) in STUDIES.items():
+        d = _load(f"study_{key}.json")
+        if d is None:
+            rows.append([title, "_not run yet_", f"`benchmarks/{script}`"])
+            continue
+        rows.append([f"{title}: {d['claim']}", _counts(d["verdicts"]), f"`benchmarks/{script}`"])
+    return "\n".join(_md_table(["study and claim", "verdicts (paired by seed, 1 and 2 threads)", "script"], rows))
+
+
+def study(key: str, verdicts: bool = False) -> Callable[[], str]:
+    """A study's table and notes (README), or every verdict with its evidence (docs/studies.md)."""
+    script, _ = STUDIES[key]
+
+    def render() -> str:
+        d = _load(f"study_{key}.json")
+        if d is None:
+            return f"_no results yet: run `python benchmarks/{script}`_"
+        prov = d["provenance"]
+        head = (
+            f"From `benchmarks/results/study_{key}.json` (torch {prov['torch']}, revision "
+            f"{prov['git_revision'][:8]}, {prov['date'][:10]}); plot `benchmarks/results/study_{key}.png`."
+        )
+        if verdicts:
+            lines = [head, "", *(f"- **{v['verdict']}**: {v['claim']} — {v['evidence']}" for v in d["verdicts"])]
+            return "\n".join(lines)
+        t = d["table"]
+        lines = [f"{t['title']}. {head}", "", *_md_table(t["columns"], t["rows"]), ""]
+        lines += [f"- {n}" for n in d.get("notes", [])]
+        lines.append(
+            f"- Verdicts: {_counts(d['verdicts'])} (each with its evidence in [docs/studies.md](docs/studies.md))."
+        )
+        return "\n".join(lines)
+
+    return render
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "claims": claims,
+    **{f"study-{k}": study(k) for k in STUDIES},
     "demo": demo,
     "metainit-cost": lambda: (
         _generic("metainit_cost.json", "bench_metainit.py")()
@@ -195,11 +263,14 @@ TABLES: dict[str, Callable[[], str]] = {
 }
 
 
-def render(text: str) -> str:
-    for key, fn in TABLES.items():
+DOC_TABLES: dict[str, Callable[[], str]] = {f"study-{k}-verdicts": study(k, verdicts=True) for k in STUDIES}
+
+
+def render(text: str, tables: dict[str, Callable[[], str]] = TABLES) -> str:
+    for key, fn in tables.items():
         pattern = re.compile(rf"(<!-- {re.escape(key)} -->\n)(.*?)(<!-- /{re.escape(key)} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- {key} --> ... <!-- /{key} --> block")
+            raise SystemExit(f"the file has no <!-- {key} --> ... <!-- /{key} --> block")
         text = pattern.sub(lambda m, fn=fn: m.group(1) + fn() + "\n" + m.group(3), text)
     return text
 
@@ -208,15 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
     args = p.parse_args(argv)
-    readme = ROOT / "README.md"
-    old = readme.read_text()
-    new = render(old)
-    if args.check:
+    stale = []
+    for path, tables in ((ROOT / "README.md", TABLES), (ROOT / "docs" / "studies.md", DOC_TABLES)):
+        old = path.read_text()
+        new = render(old, tables)
         if new != old:
-            print("README.md benchmark tables are out of date: run python benchmarks/readme_tables.py")
-            return 1
-        return 0
-    readme.write_text(new)
+            stale.append(path.name)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"{', '.join(stale)}: benchmark tables are out of date: run python benchmarks/readme_tables.py")
+        return 1
     return 0
 
 
