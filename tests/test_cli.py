@@ -285,3 +285,25 @@ def test_diagnose_round_trip(tmp_path, capsys):
     jsonschema.validate(report, REPORT_SCHEMA)
     assert len(report["layers"]) == 3 and report["model"]["gradient_quotient"] is not None
     assert "| layer |" in capsys.readouterr().out
+
+
+def test_cifar10_compare_command_on_a_stand_in(tmp_path):
+    """The documented CIFAR-10 command (docs/cli.md), on a stand-in folder in torchvision's layout."""
+    from test_data import _fake_cifar
+
+    _fake_cifar(tmp_path)
+    out = tmp_path / "cmp"
+    rc = main(
+        [
+            "compare",
+            "--data", "cifar10", "--data-root", str(tmp_path), "--model", "cnn", "--batch-size", "8",
+            "--inits", "default", "kaiming", "hessian", "kaiming+gradinit:steps=2", "hessian+gradinit:steps=2",
+            "--seeds", "0", "1", "--train-steps", "3", "--lr", "0.01", "--out-dir", str(out), "--no-plot", "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    d = json.loads((out / "compare.json").read_text())
+    assert [r["init"] for r in d["summary"]] == [
+        "default", "kaiming", "hessian", "kaiming+gradinit:steps=2", "hessian+gradinit:steps=2"
+    ]  # fmt: skip
+    assert all(r["seeds"] == 2 for r in d["summary"])
