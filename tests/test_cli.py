@@ -236,7 +236,10 @@ def test_demo_small_version(tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "lookahead_loss" in out and "| default |" in out and "| gradinit:lr=0.05 |" in out and "| hessian |" in out
+    assert "method hessian:" in out and "method gradinit:" in out and "lookahead_loss" in out
+    for init in ("default", "kaiming", "hessian", "gradinit", "hessian+gradinit", "hessian+nio"):
+        assert f"| {init} |" in out
+    assert "starting point decides" in out
     assert json.loads((tmp_path / "compare.json").read_text())["summary"]
 
 

@@ -365,36 +365,59 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_INITS = ["default", "gradinit:lr=0.05", "metainit:steps=50", "nio", "hessian"]
+DEMO_INITS = [
+    "default",
+    "kaiming",
+    "lsuv",
+    "hessian",
+    "gradinit",
+    "nio",
+    "metainit:steps=50",
+    "hessian+gradinit",
+    "hessian+nio",
+]
+DEMO_PIPELINE = ["hessian", "gradinit"]
+RECOMMENDATION = """What the claims studies found (README, docs/which-init.md):
+  - The starting point decides whether a deep plain network trains. From PyTorch's default init
+    (about 0.41x the He scale) the signal has vanished, and GradInit, MetaInit and NIO at their
+    papers' settings leave the network where it started.
+  - Start from the Hessian-norm rule (method "hessian"; He init for ReLU) or from Kaiming init.
+  - A learned stage on top of a good start (["hessian", "gradinit"], ["hessian", "nio"]) was
+    within the seed spread of the start alone on the deep plain networks studied here; MetaInit
+    at its paper's settings (noise inputs) shrank every layer and hurt."""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """What GradInit changes on a deep plain MLP, then ``compare`` of every method (about a minute)."""
+    """The recommended pipeline on a deep plain MLP, then ``compare`` of every method (about a minute)."""
     from initopt.data import loader
 
-    inits = [i for i in DEMO_INITS if i.split(":")[0] in ("default", *initopt.methods())]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inits = [i for i in DEMO_INITS if all(p.split(":")[0] in ("default", *initopt.methods()) for p in i.split("+"))]
     make, train, _ = _data_and_model(args)
     print(
         f"initopt demo: model {args.model or TASKS[args.data]['model']} (PyTorch default init) on "
-        f"{TASKS[args.data]['help']}.\n\n1. GradInit (150 iterations, scale lr 0.05): what changed\n"
+        f"{TASKS[args.data]['help']}; {torch.get_num_threads()} thread(s).\n\n"
+        f"1. The pipeline {' -> '.join(DEMO_PIPELINE)}: what each stage changed\n"
     )
     torch.manual_seed(args.seed)
     res = initopt.initialize_(
         make(),
         loader(train, args.batch_size, seed=args.seed),
-        "gradinit",
-        steps=150,
-        lr=0.05,
+        [(m, {"steps": args.init_steps}) if args.init_steps is not None else m for m in DEMO_PIPELINE],
         seed=args.seed,
         progress=False if args.quiet else None,
     )
-    print(res.summary())
+    for stage in res.stages:
+        print(stage.summary() + "\n")
     print(
-        f"\n2. Training by SGD from {len(inits)} initializations, {len(args.seeds)} seeds each "
+        f"2. Training by SGD (momentum 0.9) from {len(inits)} initializations, {len(args.seeds)} seeds each "
         f"({args.train_steps} steps, lr {args.lr})\n"
     )
     args.inits = inits
-    return cmd_compare(args)
+    rc = cmd_compare(args)
+    print("\n" + RECOMMENDATION)
+    return rc
 
 
 def _common(p: argparse.ArgumentParser, *, batch: int = 64) -> None:
@@ -409,12 +432,12 @@ def _common(p: argparse.ArgumentParser, *, batch: int = 64) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the final summary")
 
 
-def _compare_flags(p: argparse.ArgumentParser, *, steps: int, seeds: list[int], out: str) -> None:
+def _compare_flags(p: argparse.ArgumentParser, *, steps: int, seeds: list[int], out: str, lr: float = 0.05) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--train-steps", type=int, default=steps, help="SGD/Adam steps per run")
     p.add_argument("--init-steps", type=int, default=None, help="iterations of each method (default: its own)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--lr", type=float, default=0.05, help="training learning rate")
+    p.add_argument("--lr", type=float, default=lr, help=f"training learning rate (default {lr})")
     p.add_argument("--out-dir", default=out)
     p.add_argument("--no-plot", action="store_true")
 
@@ -458,7 +481,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="compare on digits with a deep plain MLP (about a minute on 2 cores)")
     _common(s)
-    _compare_flags(s, steps=150, seeds=[0, 1, 2], out="initopt-demo")
+    _compare_flags(s, steps=150, seeds=[0, 1, 2], out="initopt-demo", lr=0.01)
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     s.set_defaults(func=cmd_demo)
     return p
 
