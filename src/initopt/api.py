@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,9 +75,12 @@ def run_method(
     seconds = time.perf_counter() - t0
     scales = space.to_scales(outcome.alpha)
     apply_scales_(model, scales)
+    config = method.config
+    if getattr(config, "steps", steps) != steps:  # the config records the iterations actually run
+        config = dataclasses.replace(config, steps=steps)
     return InitResult(
         method=method.name,
-        config=method.config,
+        config=config,
         scales=scales,
         history=outcome.history,
         seconds=seconds,
