@@ -3,9 +3,10 @@
 :func:`compare` is what ``initopt compare`` and ``initopt demo`` run. For every
 initialization and seed it builds a fresh model (``torch.manual_seed(seed)`` then the
 factory), runs the initialization (``"default"`` runs none), trains it for ``steps`` SGD or
-Adam steps on the training batches and records the training loss of every step, the test
-loss and accuracy after the first epoch and at the end, the init time (also in training
-steps of the same run) and whether training diverged (a non-finite loss stops that run).
+Adam steps (optionally with a linear learning-rate warmup) on the training batches and
+records the training loss of every step, the test loss and accuracy after the first epoch
+and at the end, the init time (also in training steps of the same run) and whether training
+diverged (a non-finite loss stops that run).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from initopt.api import initialize_
-from initopt.core.batches import Task
+from initopt.core.batches import Task, class_last
 from initopt.core.progress import Progress
 from initopt.data import loader
 from initopt.errors import ConfigError
 
-__all__ = ["CompareReport", "InitSpec", "compare", "evaluate", "parse_init"]
+__all__ = ["CompareReport", "InitSpec", "compare", "evaluate", "make_optimizer", "parse_init"]
 
 InitSpec = str | tuple[str, dict[str, Any]] | list[Any]
 
@@ -57,7 +58,12 @@ def parse_init(text: str) -> tuple[str, InitSpec]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DataLoader, task: Task | None = None) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` in eval mode over ``data`` (modes restored)."""
+    """Mean loss and accuracy of ``model`` in eval mode over ``data`` (modes restored).
+
+    The loss is averaged over examples; the accuracy over target entries, so per-token logits
+    ``(N, L, C)`` against targets ``(N, L)`` give the per-token accuracy (see
+    :func:`initopt.core.batches.class_last`; PyTorch's ``(N, C, L)`` layout is read too).
+    """
     task = task or Task()
     flags = [m.training for m in model.modules()]
     model.eval()
@@ -69,8 +75,13 @@ def evaluate(model: nn.Module, data: DataLoader, task: Task | None = None) -> tu
             k = len(batch[1])
             total += float(loss) * k
             logits = out.logits if hasattr(out, "logits") else out
-            correct += int((logits.argmax(-1) == batch[1]).sum())
-            n += k
+            targets = batch[1]
+            if logits.ndim > 2 and not class_last(logits, targets):
+                pred = logits.argmax(1)  # PyTorch's layout: classes in dimension 1
+            else:
+                pred = logits.argmax(-1)
+            correct += int((pred == targets).sum())
+            n += targets.numel()
     finally:
         for m, f in zip(model.modules(), flags, strict=True):
             m.training = f
@@ -154,6 +165,8 @@ def compare(
     init_steps: int | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    warmup_steps: int = 0,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> CompareReport:
     """Train ``make_model()`` from each initialization in ``inits`` for every seed.
 
@@ -165,11 +178,19 @@ def compare(
         steps: training steps per run (one epoch is ``len(train) // batch_size`` steps).
         optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
         init_steps: iterations of each method (``None``: the method's default).
+        warmup_steps: linear learning-rate warmup: step ``t`` (from 0) runs at
+            ``lr * min(1, (t + 1) / warmup_steps)``; ``0`` (default): constant ``lr``.
+        betas: Adam's ``(beta1, beta2)`` (``optimizer="adam"`` only; SGD ignores them).
     """
     if optimizer not in ("sgd", "adam"):
         raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if steps < 1 or batch_size < 2:
         raise ConfigError("steps must be >= 1 and batch_size >= 2")
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    betas = (float(betas[0]), float(betas[1]))
     specs = [(i, i) if isinstance(i, str) else i for i in inits]
     epoch = max(len(train) // batch_size, 1)
     report = CompareReport(
@@ -182,6 +203,8 @@ def compare(
             "lr": lr,
             "momentum": momentum,
             "init_steps": init_steps,
+            "warmup_steps": warmup_steps,
+            "betas": list(betas),
             "steps_per_epoch": epoch,
             "torch": torch.__version__,
         }
@@ -204,7 +227,21 @@ def compare(
                         progress=False,
                     )
                     init_seconds = time.perf_counter() - t0
-                rec = _train(model, train, test_loader, seed, steps, batch_size, optimizer, lr, momentum, epoch, bar)
+                rec = _train(
+                    model,
+                    train,
+                    test_loader,
+                    seed,
+                    steps,
+                    batch_size,
+                    optimizer,
+                    lr,
+                    momentum,
+                    epoch,
+                    bar,
+                    warmup_steps=warmup_steps,
+                    betas=betas,
+                )
                 rec.update(init=label, seed=seed, init_seconds=init_seconds)
                 rec["init_in_train_steps"] = init_seconds / rec["step_seconds"] if rec["step_seconds"] else None
                 report.runs.append(rec)
@@ -216,12 +253,51 @@ def compare(
     return report
 
 
-def _train(model, train, test_loader, seed, steps, batch_size, optimizer, lr, momentum, epoch, bar) -> dict[str, Any]:
-    task = Task()
+def make_optimizer(
+    model: nn.Module,
+    optimizer: str = "sgd",
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    *,
+    warmup_steps: int = 0,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The training optimizer of :func:`compare` and its warmup schedule (``None`` without one).
+
+    SGD with ``momentum``, or Adam with ``betas``. With ``warmup_steps > 0`` the learning rate
+    rises linearly: the ``t``-th step (from 0) runs at ``lr * min(1, (t + 1) / warmup_steps)``;
+    call the scheduler's ``step()`` after every optimizer step.
+    """
     if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    if warmup_steps <= 0:
+        return opt, None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup_steps))
+    return opt, sched
+
+
+def _train(
+    model,
+    train,
+    test_loader,
+    seed,
+    steps,
+    batch_size,
+    optimizer,
+    lr,
+    momentum,
+    epoch,
+    bar,
+    *,
+    warmup_steps: int = 0,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> dict[str, Any]:
+    task = Task()
+    opt, sched = make_optimizer(model, optimizer, lr, momentum, warmup_steps=warmup_steps, betas=betas)
     model.train()
     data = loader(train, batch_size, seed=seed)
     it = iter(data)
@@ -239,6 +315,8 @@ def _train(model, train, test_loader, seed, steps, batch_size, optimizer, lr, mo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         times.append(time.perf_counter() - t0)
         value = float(loss.detach())
         losses.append(value)

@@ -18,6 +18,7 @@ __all__ = [
     "mnist1d",
     "synthetic_classification",
     "synthetic_sequences",
+    "synthetic_sort",
 ]
 
 
@@ -130,6 +131,29 @@ def synthetic_sequences(
             mask = (counts[:, c] > j % 4) & (torch.rand(n, generator=g) < 0.3)
             x[mask, j] = c
     y = torch.stack([(x == c).sum(1) for c in range(classes)], 1).argmax(1)
+    k = int(n * (1 - test_fraction))
+    return TensorDataset(x[:k], y[:k]), TensorDataset(x[k:], y[k:])
+
+
+def synthetic_sort(
+    n: int = 4096,
+    length: int = 12,
+    vocab: int = 10,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> tuple[TensorDataset, TensorDataset]:
+    """Sorting as per-token classification: uniform random strings of ``length`` symbols in
+    ``0..vocab-1``; the target at position ``i`` is the ``i``-th smallest symbol.
+
+    Inputs and targets are both ``(examples, length)`` long tensors; a model must return
+    per-position logits ``(examples, length, vocab)`` (e.g. ``zoo.post_ln_transformer(
+    per_token=True, num_classes=vocab)``). The same ``seed`` gives the same data.
+    """
+    if n < 2 or length < 1 or vocab < 2:
+        raise DataError(f"synthetic_sort needs n >= 2, length >= 1, vocab >= 2; got {n}, {length}, {vocab}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    y = x.sort(dim=1).values
     k = int(n * (1 - test_fraction))
     return TensorDataset(x[:k], y[:k]), TensorDataset(x[k:], y[k:])
 

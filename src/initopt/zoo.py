@@ -169,6 +169,9 @@ class TransformerClassifier(nn.Module):
     """Post-LN Transformer encoder over token ids, mean-pooled, with a linear head.
 
     Has a raw ``nn.Parameter`` position table and ``MultiheadAttention.in_proj_weight``s.
+    With ``per_token=True`` there is no pooling: the head scores every position and the
+    output is ``(batch, length, num_classes)`` (per-token classification, e.g. sorting).
+    ``dim_feedforward`` defaults to ``2 * d_model``.
     """
 
     def __init__(
@@ -180,14 +183,17 @@ class TransformerClassifier(nn.Module):
         num_classes: int = 4,
         max_len: int = 16,
         dropout: float = 0.1,
+        per_token: bool = False,
+        dim_feedforward: int | None = None,
     ) -> None:
         super().__init__()
+        self.per_token = per_token
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(
             d_model,
             nhead,
-            dim_feedforward=2 * d_model,
+            dim_feedforward=dim_feedforward or 2 * d_model,
             dropout=dropout,
             batch_first=True,
             norm_first=False,
@@ -196,12 +202,12 @@ class TransformerClassifier(nn.Module):
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
-        return self.head(self.encoder(h).mean(dim=1))
+        h = self.encoder(self.embed(tokens) + self.pos[: tokens.shape[1]])
+        return self.head(h if self.per_token else h.mean(dim=1))
 
 
 def post_ln_transformer(**kw: Any) -> TransformerClassifier:
-    """A post-LN :class:`TransformerClassifier`."""
+    """A post-LN :class:`TransformerClassifier` (``per_token=True``: per-position logits)."""
     return TransformerClassifier(**kw)
 
 

@@ -3,7 +3,11 @@
 Batches come in three forms:
 
 * ``(inputs, targets, ...)`` tuples or lists: the model is called as ``model(inputs)`` and
-  the loss is cross-entropy against ``targets`` unless a ``loss_fn`` is given;
+  the loss is cross-entropy against ``targets`` unless a ``loss_fn`` is given. Besides
+  PyTorch's layouts (logits ``(N, C)`` or ``(N, C, d1, ...)`` against targets ``(N,)`` or
+  ``(N, d1, ...)``), per-token logits with the classes last, ``(N, L, ..., C)`` against
+  targets ``(N, L, ...)`` (a Transformer's output), are accepted: the loss is the mean over
+  all positions (:func:`class_last`). PyTorch's layout wins where both fit;
 * ``dict``: passed as keyword arguments, ``model(**batch)``; the loss is the model's own
   (``output.loss`` or ``output["loss"]``) unless a ``loss_fn`` is given;
 * a bare tensor: ``model(batch)``, which needs a ``loss_fn``.
@@ -28,6 +32,7 @@ __all__ = [
     "BatchSource",
     "Task",
     "batch_size",
+    "class_last",
     "concat_batches",
     "is_single_batch",
     "move_batch",
@@ -35,6 +40,19 @@ __all__ = [
 ]
 
 Batch = Any
+
+
+def class_last(logits: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether ``logits`` hold per-position scores with the classes in the *last* dimension.
+
+    True for ``(N, L, ..., C)`` logits against integer targets ``(N, L, ...)`` when PyTorch's
+    own layout (classes in dimension 1: ``(N, C, L, ...)``) does not fit. Where both fit (e.g.
+    ``L == C``), PyTorch's layout is kept, as ``F.cross_entropy`` reads it.
+    """
+    if logits.ndim < 3 or targets.is_floating_point() or targets.ndim != logits.ndim - 1:
+        return False
+    torch_layout = logits.shape[0] == targets.shape[0] and logits.shape[2:] == targets.shape[1:]
+    return not torch_layout and logits.shape[:-1] == targets.shape
 
 
 def is_single_batch(data: Any) -> bool:
@@ -246,7 +264,10 @@ class Task:
                     f"the model returned {type(output).__name__}; the default loss needs a logits "
                     "tensor (pass loss_fn=... to reduce other outputs)"
                 )
-            return F.cross_entropy(logits, batch[1])
+            targets = batch[1]
+            if isinstance(targets, torch.Tensor) and class_last(logits, targets):
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            return F.cross_entropy(logits, targets)
         if isinstance(batch, dict):
             if hasattr(output, "loss") and output.loss is not None:
                 return output.loss
