@@ -11,7 +11,8 @@ per-iteration wall time GradInit records in ``result.history`` at batch B (S = o
 B, S~ = its first half plus half of the next batch), once with the bound inactive (objective
 steps) and once with it always active (constraint steps). Ratios are per round, reported as
 median and mean ± std over rounds. Peak memory: each workload runs alone in a fresh
-subprocess; peak RSS (``ru_maxrss``) minus the RSS before the workload.
+subprocess; peak of the bytes live in PyTorch's CPU allocator above those live before the
+workload (``common.peak_kib_above_start``, from the profiler's allocation records).
 
 Run: ``python benchmarks/bench_gradinit.py`` (full) or ``--quick`` (seconds; used by the tests).
 Writes ``benchmarks/results/gradinit_cost.json``.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -73,11 +73,8 @@ def measure_time(name: str, batch: int, iters: int, repeats: int, warmup: int = 
 
 
 def memory_probe(name: str, batch: int, workload: str) -> int:
-    """Peak RSS (KiB) of the workload above the RSS before it, in this (fresh) process.
-
-    The kernel's high-water mark is reset first (``/proc/self/clear_refs`` ``5``) so that the
-    peak of importing torch does not count; without that, ``ru_maxrss`` is the fallback.
-    """
+    """Peak live bytes (KiB) of PyTorch's CPU allocator during the workload above the start,
+    in this (fresh) process; see ``common.peak_kib_above_start``."""
     make, shape = MODELS[name]
     torch.manual_seed(0)
     model = make()
@@ -94,13 +91,12 @@ def memory_probe(name: str, batch: int, workload: str) -> int:
 
 
 def measure_memory(name: str, batch: int, threads: int, probes: int = 3) -> dict[str, Any]:
-    """Median over ``probes`` fresh subprocesses of each workload's peak RSS above its start."""
+    """Median over ``probes`` fresh subprocesses of each workload's peak live bytes above its start."""
     peaks: dict[str, list[int]] = {"train_step": [], "objective": [], "constraint": []}
     for _ in range(probes):
         for workload in peaks:
             cmd = [sys.executable, __file__, "--_probe", name, str(batch), workload, "--threads", str(threads)]
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            r = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            r = subprocess.run(cmd, capture_output=True, text=True, check=True)
             peaks[workload].append(int(r.stdout.strip().splitlines()[-1]))
     med = {k: statistics.median(v) for k, v in peaks.items()}
     base = max(med["train_step"], 1)
@@ -109,8 +105,8 @@ def measure_memory(name: str, batch: int, threads: int, probes: int = 3) -> dict
         "peak_kib_probes": peaks,
         "objective_in_train_steps": med["objective"] / base,
         "constraint_in_train_steps": med["constraint"] / base,
-        "method": "fresh subprocess per workload and probe, MALLOC_MMAP_THRESHOLD_=65536 so that freed "
-        "large blocks leave RSS; kernel RSS high-water mark (VmHWM, reset after one-time imports) minus RSS "
+        "method": "fresh subprocess per workload and probe, after one-time imports; peak of the bytes live in "
+        "PyTorch's CPU allocator (torch.profiler allocation records, profile_memory=True) above those live "
         "before the workload (3 iterations); median of probes",
     }
 

@@ -17,7 +17,8 @@ iteration is the per-iteration wall time that ``initopt.initialize_(..., "nio")`
 (sub-batch forwards, gradients, B-GC/B-GN, derivative with respect to the scales, scale
 update); the one-time engine plan is reported separately. Sample-wise GC is the public
 ``initopt.grad_cosine(model, batch)`` call (plan included). Peak memory: each workload runs
-alone in a fresh subprocess; kernel RSS high-water mark (reset before) minus RSS before it.
+alone in a fresh subprocess; peak of the bytes live in PyTorch's CPU allocator above those
+live before it (``common.peak_kib_above_start``, from the profiler's allocation records).
 
 Run: ``python benchmarks/bench_nio.py`` (full) or ``--quick`` (seconds; used by the tests).
 Writes ``benchmarks/results/nio_cost.json`` and ``nio_cost.png``.
@@ -179,7 +180,8 @@ def measure_nio(name: str, batch: int, iters: int, repeats: int) -> dict[str, An
 
 
 def memory_probe(name: str, batch: int, workload: str) -> int:
-    """Peak RSS (KiB) of the workload above the RSS before it, in this fresh process."""
+    """Peak live bytes (KiB) of PyTorch's CPU allocator during the workload above the start,
+    in this fresh process; see ``common.peak_kib_above_start``."""
     make, shape = NIO_MODELS[name]
     torch.manual_seed(0)
     model = make()
@@ -209,9 +211,9 @@ def measure_memory(name: str, batch: int, threads: int, probes: int, workloads: 
         "peak_kib_median": med,
         "peak_kib_probes": peaks,
         **{f"{k}_in_train_steps": med[k] / base for k in workloads},
-        "method": "fresh subprocess per workload and probe; kernel RSS high-water mark (VmHWM, reset before) minus "
-        "RSS before the workload (NIO: initialize_ with 3 iterations incl. plan and measures; train: 3 steps); "
-        "median of probes",
+        "method": "fresh subprocess per workload and probe; peak of the bytes live in PyTorch's CPU allocator "
+        "(torch.profiler allocation records, profile_memory=True) above those live before the workload "
+        "(NIO: initialize_ with 3 iterations incl. plan and measures; train: 3 steps); median of probes",
     }
 
 

@@ -1,10 +1,9 @@
 """Pieces every benchmark script shares: statistics, provenance, synthetic batches, the
-training-step baseline and the kernel's memory counters (Linux)."""
+training-step baseline and the peak-memory probe (PyTorch's CPU allocator)."""
 
 from __future__ import annotations
 
 import platform
-import resource
 import statistics
 import subprocess
 import time
@@ -77,27 +76,46 @@ def time_train_steps(model: nn.Module, batches: list, iters: int) -> list[float]
     return out
 
 
-def status_kib(field: str) -> int:
-    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+def peak_bytes_above_start(workload: Callable[[], Any]) -> int:
+    """Peak of the bytes live in PyTorch's CPU allocator during ``workload()``, above the start.
+
+    Runs ``workload()`` under ``torch.profiler.profile(profile_memory=True)``, which records
+    every CPU allocation and free with its size and the allocator's running total of live
+    bytes (``total_allocated``, updated under the allocator reporter's lock, so exact whatever
+    the threads). A small marker tensor is allocated on this thread just before the workload
+    and freed after it; the running total right after the marker is the start. The peak is
+    the largest running total recorded from then on minus that start. Blocks allocated before
+    the call and freed during it are not recorded (PyTorch does not know their size), so they
+    never lower the count. Deterministic and independent of the C allocator's reuse of freed
+    memory (which made the former RSS high-water-mark probe read 0); memory outside PyTorch's
+    CPU allocator (Python objects, library workspaces, thread stacks) is not counted.
+    """
+    marker_bytes = 64
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        marker = torch.empty(marker_bytes, dtype=torch.uint8)
+        marker_ptr = marker.data_ptr()
+        workload()
+        del marker
+    records, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        ef = node.extra_fields
+        if isinstance(ef, torch._C._profiler._ExtraFields_Allocation) and ef.device.type == "cpu":
+            records.append((node.start_time_ns, ef.ptr, ef.alloc_size, ef.total_allocated))
+    records.sort()
+    # the marker's allocation: the last allocation of its size at its address (the address is
+    # not reused while the marker lives, i.e. until after the workload)
+    i = max(k for k, (_, ptr, size, _) in enumerate(records) if ptr == marker_ptr and size == marker_bytes)
+    start = records[i][3]
+    return max(0, max(t for *_, t in records[i:]) - start)
 
 
 def peak_kib_above_start(workload: Callable[[], Any]) -> int:
-    """Peak RSS (KiB) of ``workload()`` above the RSS before it, in this process.
+    """Peak live bytes (KiB, rounded up) of PyTorch's CPU allocator during ``workload()`` above
+    the start; see :func:`peak_bytes_above_start`.
 
-    The kernel's high-water mark is reset first (``/proc/self/clear_refs`` ``5``), so earlier
-    peaks (importing torch, warm-ups) do not count; without that, ``ru_maxrss`` is the fallback.
+    Committed results in ``benchmarks/results`` from before this probe used an RSS probe
+    (kernel high-water mark ``VmHWM`` minus ``VmRSS`` before the workload), not this one.
     """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        peak = lambda: status_kib("VmHWM")  # noqa: E731
-    except OSError:  # pragma: no cover - not Linux
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-    before = status_kib("VmRSS")
-    workload()
-    return peak() - before
+    return -(-peak_bytes_above_start(workload) // 1024)

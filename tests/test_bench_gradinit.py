@@ -23,7 +23,7 @@ def test_bench_gradinit_quick(tmp_path):
     entry = d["models"]["tiny_mlp"]
     for key in ("objective_iteration_in_train_steps", "constraint_iteration_in_train_steps"):
         assert entry[key]["median"] > 0
-    assert entry["memory"]["peak_kib_median"]["train_step"] != 0
+    assert all(v > 0 for v in entry["memory"]["peak_kib_median"].values())  # PyTorch-allocator live bytes
     assert d["provenance"]["torch"]
 
 

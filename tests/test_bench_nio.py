@@ -28,6 +28,6 @@ def test_bench_nio_quick(tmp_path):
     e = d["nio"]["tiny_cnn"]
     for key in ("nio_d2", "nio_d4", "nio_d2_plain", "nio_d4_plain"):
         assert e[f"{key}_in_train_steps"]["median"] > 0
-    assert e["memory"]["peak_kib_median"]["train_step"] != 0
+    assert all(v > 0 for v in e["memory"]["peak_kib_median"].values())  # PyTorch-allocator live bytes
     assert "nio_d2_in_train_steps" in e["memory"]
     assert d["provenance"]["torch"] and (tmp_path / "nio_cost.png").exists()
