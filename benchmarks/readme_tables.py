@@ -259,8 +259,38 @@ def study(key: str, verdicts: bool = False) -> Callable[[], str]:
     return render
 
 
+def cost() -> str:
+    """Claims study 6: each method's init time in training steps of the same run (median over
+    seeds, 1 thread) and as a share of the study's training run, from the deep-network study."""
+    d = _load("study_deep.json")
+    if d is None:
+        return "_no results yet: run `python benchmarks/study_deep.py`_"
+    runs = [r for r in d["runs"] if r["threads"] == 1 and r["init"] != "default"]
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    inits = list(dict.fromkeys(r["init"] for r in runs))
+    rows = []
+    for init in inits:
+        row = [init]
+        for task in tasks:
+            xs = sorted(r["init_in_train_steps"] or 0.0 for r in runs if r["task"] == task and r["init"] == init)
+            if not xs:
+                row.append("not run")
+                continue
+            med = xs[len(xs) // 2]
+            steps = next(r["train_steps"] for r in runs if r["task"] == task)
+            row.append(f"{med:.0f} ({100 * med / steps:.0f} % of {steps})")
+        rows.append(row)
+    head = (
+        "Init cost in training steps of the same model and batch (median over seeds, 1 thread), and as a share "
+        f"of the study's {d['config']['steps']}-step training run (`benchmarks/results/study_deep.json`). "
+        "Small models make the fixed per-iteration overhead of the learned methods large in training steps."
+    )
+    return "\n".join([head, "", *_md_table(["init", *tasks], rows)])
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "claims": claims,
+    "study-cost": cost,
     **{f"study-{k}": study(k) for k in STUDIES},
     "demo": demo,
     "metainit-cost": lambda: (

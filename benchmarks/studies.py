@@ -59,6 +59,28 @@ def kaiming_(model: nn.Module, nonlinearity: str = "relu") -> nn.Module:
     return model
 
 
+CACHE = Path(__file__).resolve().parent / ".cache"  # finished runs, one JSON line each (not committed)
+
+
+def _cache_key(spec: Any, label: str, seed: int, threads: int, start: str, tags: dict, train_kw: dict) -> str:
+    return json.dumps(
+        {"spec": spec, "label": label, "seed": seed, "threads": threads, "start": start, **tags, **train_kw},
+        sort_keys=True,
+        default=str,
+    )
+
+
+def _cache_load(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[rec["key"]] = rec["run"]
+    return out
+
+
 def train_grid(
     make_model: Callable[[], nn.Module],
     train: Any,
@@ -70,29 +92,50 @@ def train_grid(
     start: str = "default",
     tags: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
+    cache: Path | None = None,
     **train_kw: Any,
 ) -> list[dict[str, Any]]:
     """:func:`initopt.compare.compare` at ``threads`` threads; returns its per-run records
-    (training curves kept every 10th step), tagged with ``threads``, ``start`` and ``tags``."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        report = compare(make_model, train, test, inits, seeds=seeds, progress=False, **train_kw)
-    finally:
-        torch.set_num_threads(old)
+    (training curves kept every 10th step), tagged with ``threads``, ``start`` and ``tags``.
+
+    With ``cache`` (a JSON-lines file), a run already recorded under the same init, seed,
+    thread count, start, tags and training settings is read back instead of repeated, and every
+    new run is appended as soon as it ends, so an interrupted study resumes where it stopped.
+    Runs are deterministic at a given thread count, so a cached run equals a repeated one; the
+    key does not cover the model factory, so tags must name the task.
+    """
+    tags = tags or {}
+    known = _cache_load(cache)
     runs = []
-    for r in report.runs:
-        r = dict(r)
-        curve = r.pop("train_loss")
-        r["train_loss_every_10"] = curve[::10]
-        r.update(threads=threads, start=start, train_steps=train_kw.get("steps", 200), **(tags or {}))
-        if log:
-            log(
-                f"  [{start} / {threads} thr] {r['init']:>28} seed {r['seed']}: "
-                f"epoch-1 acc {_f(r['epoch1_test_acc'])}, final acc {r['final_test_acc']:.3f}"
-                f"{' DIVERGED' if r['diverged'] else ''}, init {r['init_in_train_steps'] or 0:.0f} train steps"
-            )
-        runs.append(r)
+    for init in inits:
+        label, spec = (init, init) if isinstance(init, str) else init
+        for seed in seeds:
+            key = _cache_key(spec, label, seed, threads, start, tags, train_kw)
+            if key in known:
+                r = known[key]
+            else:
+                old = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    report = compare(make_model, train, test, [(label, spec)], seeds=[seed], progress=False, **train_kw)
+                finally:
+                    torch.set_num_threads(old)
+                r = dict(report.runs[0])
+                curve = r.pop("train_loss")
+                r["train_loss_every_10"] = curve[::10]
+                r.update(threads=threads, start=start, train_steps=train_kw.get("steps", 200), **tags)
+                if cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    with cache.open("a") as f:
+                        f.write(json.dumps(_finite({"key": key, "run": r})) + "\n")
+            if log:
+                log(
+                    f"  [{start} / {threads} thr] {r['init']:>28} seed {r['seed']}: "
+                    f"epoch-1 acc {_f(r['epoch1_test_acc'])}, final acc {r['final_test_acc'] or 0:.3f}"
+                    f"{' DIVERGED' if r['diverged'] else ''}, init {r['init_in_train_steps'] or 0:.0f} train steps"
+                    + (" (cached)" if key in known else "")
+                )
+            runs.append(r)
     return runs
 
 

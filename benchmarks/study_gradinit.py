@@ -8,9 +8,9 @@ information that helps training* — if they do, replacing them by their geometr
 GradInit minimizes must fall on held-out batches too.
 
 Ablations, each from the same Kaiming draw (paired by seed): the spec's settings (η = 0.1 with a
-normalized step, γ = 1, scale lr τ = 1e-2, T = 390); γ = 100 (the bound never binds); τ = 1e-3;
-T = 100; η = 0.01; the spec's run with its weight scales replaced by their geometric mean, and
-randomly permuted across layers. For every GradInit run: the held-out look-ahead loss before and
+normalized step, γ = 1, scale lr τ = 1e-2, T = 390); γ = 100 (the bound never binds); τ = 1e-3
+(a tenth of the scale learning rate); the spec's run with its weight scales replaced by their
+geometric mean, and randomly permuted across layers. For every GradInit run: the held-out look-ahead loss before and
 after (8 batches not used by the search), the spread of the log weight scales, and the
 product of the weight scales (the network's end-to-end gain change). Then, at Kaiming init,
 the per-tensor scale gradient of the look-ahead objective and of NIO's B-GC over 16 batches
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from studies import (
+    CACHE,
     RESULTS,
     TABLE_COLUMNS,
     deep_tasks,
@@ -65,8 +66,6 @@ VARIANTS = {
     "gradinit": {},
     "gradinit γ=100": {"gamma": 100.0},
     "gradinit τ=1e-3": {"lr": 1e-3},
-    "gradinit T=100": {"steps": 100},
-    "gradinit η=0.01": {"eta": 0.01},
 }
 
 
@@ -140,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny models and runs (seconds)")
     p.add_argument("--out", type=Path, default=RESULTS / "study_gradinit.json")
     p.add_argument("--tasks", nargs="+", default=["cnn16_silu_mnist1d", "mlp16_relu_mnist1d"])
+    p.add_argument("--cache", type=Path, default=CACHE / "runs.jsonl", help="finished runs (resume)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.cache = None  # the small version always computes
     tasks = deep_tasks(quick=args.quick)
     steps = 12 if args.quick else 200
     train_kw = {"steps": steps, "lr": 0.01, "momentum": 0.9, "batch_size": 16 if args.quick else 64}
@@ -168,20 +170,23 @@ def main(argv: list[str] | None = None) -> int:
                 res = initopt.initialize_(
                     trial, loader(train, train_kw["batch_size"], seed=seed + 10_000), "gradinit", seed=seed, **fields
                 )
-                cache[key] = res.scales
-            return model, cache[key]
+                cache[key] = {"scales": res.scales, "seconds": res.seconds}
+            return model, cache[key]["scales"]
 
-        def ablated(kind: str) -> nn.Module:
+        def ablated(kind: str, fields: dict) -> nn.Module:
+            """The Kaiming draw of the current seed with GradInit's scales as found, or ablated."""
             seed = torch.initial_seed()
-            model, scales = searched(seed, {})
+            model, scales = searched(seed, fields)
             weights = [n for n in scales if dict(model.named_parameters())[n].ndim >= 2]
             logs = [math.log(scales[n]) for n in weights]
             if kind == "uniform":
                 new = dict.fromkeys(weights, math.exp(statistics.fmean(logs)))
-            else:
+            elif kind == "shuffled":
                 g = torch.Generator().manual_seed(seed)
                 perm = torch.randperm(len(weights), generator=g).tolist()
                 new = {n: math.exp(logs[perm[i]]) for i, n in enumerate(weights)}
+            else:
+                new = {}
             initopt.apply_scales_(model, {**scales, **new})
             return model
 
@@ -204,16 +209,26 @@ def main(argv: list[str] | None = None) -> int:
                         "scales": scales,
                     }
                 )
-        inits = [(label, ("gradinit", fields)) for label, fields in VARIANTS.items()]
+        # every GradInit variant is searched once per seed (above) and its scales applied in the
+        # model factory, so the trained runs and the look-ahead measures share one search
         for threads in (1, 2) if name == HEADLINE else (1,):
-            kw = {"seeds": seeds, "threads": threads, "tags": {"task": name}, **train_kw}
-            if args.quick:
-                inits = [(lab, (m, {**f, "steps": 3})) for lab, (m, f) in inits]
-            grid = ["default", *inits] if threads == 1 else ["default", inits[0]]  # 2 threads: the headline pair
-            runs += train_grid(lambda t=task: t["make"]("kaiming"), train, test, grid, start="kaiming", **kw)
-            for kind in ("uniform", "shuffled") if threads == 1 else ():
-                label = f"gradinit, {kind}"  # the ablated scales are applied inside the factory
-                runs += train_grid(lambda k=kind: ablated(k), train, test, [(label, "default")], start="kaiming", **kw)
+            kw = {"seeds": seeds, "threads": threads, "tags": {"task": name}, "cache": args.cache, **train_kw}
+            runs += train_grid(lambda t=task: t["make"]("kaiming"), train, test, ["default"], start="kaiming", **kw)
+            grid = [(lab, f, "as found") for lab, f in VARIANTS.items()]
+            grid += [(f"gradinit, {k}", {}, k) for k in ("uniform", "shuffled")]
+            for label, fields, kind in grid if threads == 1 else grid[:1]:
+                new = train_grid(
+                    lambda k=kind, f=fields: ablated(k, f),
+                    train,
+                    test,
+                    [(label, "default")],
+                    start="kaiming",
+                    **{**kw, "cache": None},
+                )
+                for r in new:  # the search's own cost, in training steps of this run
+                    r["init_seconds"] = cache[(name, r["seed"], tuple(sorted(fields.items())))]["seconds"]
+                    r["init_in_train_steps"] = r["init_seconds"] / r["step_seconds"] if r["step_seconds"] else None
+                runs += new
         torch.manual_seed(0)
         model = task["make"]("kaiming")
         gb = list(loader(train, train_kw["batch_size"], seed=7))[: 4 if args.quick else 16]
