@@ -398,3 +398,9 @@ def judge(
         "key": key,
         "pairs": pairs,
     }
+
+
+def compute_seconds(runs: list[dict[str, Any]]) -> float:
+    """Seconds of computation in ``runs``: each init's wall time plus its training steps at the
+    run's median step time (unlike the study's wall time, it survives resuming from the cache)."""
+    return sum((r.get("init_seconds") or 0.0) + (r.get("step_seconds") or 0.0) * r["train_steps"] for r in runs)

@@ -39,6 +39,7 @@ from studies import (
     RESULTS,
     TABLE_COLUMNS,
     baseline_of,
+    compute_seconds,
     deep_tasks,
     fmt,
     judge,
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "seeds 0-4 for the MLPs, 0-2 for the CNNs (paired by seed).",
         f"Thread check on {HEADLINE}: |final acc at 1 thread - at 2 threads| per (init, seed): "
         + (f"mean {statistics.fmean(spread):.3f}, max {max(spread):.3f} over {len(spread)} runs." if spread else "n/a"),
-        f"Wall time of the study: {seconds:.0f} s.",
+        f"Wall time of this invocation: {seconds:.0f} s; computation in the runs (inits + training, summed): "
+        f"{compute_seconds(runs):.0f} s.",
     ]
     per_task_tables = {name: rows_by_init([r for r in runs if r["task"] == name], threads=1) for name in names}
     payload = {

@@ -43,6 +43,7 @@ from studies import (
     CACHE,
     RESULTS,
     TABLE_COLUMNS,
+    compute_seconds,
     deep_tasks,
     judge,
     rows_by_init,
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         f"Thread check on {HEADLINE}: |final acc at 1 thread - at 2 threads| per (init, seed): "
         + (f"mean {statistics.fmean(spread):.3f}, max {max(spread):.3f} over {len(spread)} runs." if spread else "n/a"),
-        f"Wall time of the study: {seconds:.0f} s.",
+        f"Wall time of this invocation: {seconds:.0f} s; computation in the runs (inits + training, summed): "
+        f"{compute_seconds(runs):.0f} s.",
     ]
     payload = {
         "claim": CLAIM,

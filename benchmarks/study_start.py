@@ -35,6 +35,7 @@ from studies import (
     CACHE,
     RESULTS,
     TABLE_COLUMNS,
+    compute_seconds,
     deep_tasks,
     judge,
     plot_final_acc,
@@ -44,6 +45,8 @@ from studies import (
     train_grid,
     write_study,
 )
+
+from initopt import initialize_
 
 CLAIM = (
     "The starting point decides whether a deep plain network trains: from PyTorch's default init the "
@@ -74,6 +77,18 @@ def inits_for(start: str, quick: bool, methods: list[str] = METHODS) -> list[tup
     for m in methods:
         out.append((m, [*first, stage(m)] if first else stage(m)))
     return out
+
+
+def hessian_over_he(task: dict, quick: bool) -> list[float]:
+    """Per weight tensor: its std after the Hessian rule over the He std sqrt(2 / fan_in) (seed 0)."""
+    from initopt.data import loader
+
+    train, _ = task["data"]()
+    torch.manual_seed(0)
+    model = task["make"]()
+    initialize_(model, loader(train, 16 if quick else 64), "hessian", progress=False)
+    with torch.no_grad():
+        return [float(p.std() / (2 / p[0].numel()) ** 0.5) for p in model.parameters() if p.ndim >= 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 means.setdefault((r["start"], r["init"]), []).append(r["final_test_acc"])
         (bs, bi), vals = max(means.items(), key=lambda kv: statistics.fmean(kv[1]))
         best[name] = {"start": bs, "init": bi, "final_test_acc": statistics.fmean(vals)}
+    fixed_points = {name: hessian_over_he(tasks[name], args.quick) for name in args.tasks}
     spread = thread_spread([r for r in runs if r["task"] == HEADLINE])
     notes = [
         f"Training: SGD, momentum 0.9, lr {args.lr}, {steps} steps, batch {train_kw['batch_size']}; "
@@ -157,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         + "; ".join(f"{n}: {b['start']} → {b['init']} ({b['final_test_acc']:.3f})" for n, b in best.items()),
         f"Thread check on {HEADLINE}: |final acc at 1 thread - at 2 threads| per (start, init, seed): "
         + (f"mean {statistics.fmean(spread):.3f}, max {max(spread):.3f} over {len(spread)} runs." if spread else "n/a"),
-        f"Wall time of the study: {seconds:.0f} s.",
+        "The Hessian rule's weight std over the He std sqrt(2/fan_in), per layer (seed 0): "
+        + "; ".join(
+            f"{n}: hidden {min(v[:-1]):.2f}-{max(v[:-1]):.2f}, head {v[-1]:.2f}" for n, v in fixed_points.items()
+        )
+        + " (for ReLU the rule is He init; for SiLU its mean-field fixed point sits a little above it).",
+        f"Wall time of this invocation: {seconds:.0f} s; computation in the runs (inits + training, summed): "
+        f"{compute_seconds(runs):.0f} s.",
     ]
     payload = {
         "claim": CLAIM,
