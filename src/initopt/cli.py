@@ -378,13 +378,16 @@ DEMO_INITS = [
 ]
 DEMO_PIPELINE = ["hessian", "gradinit"]
 RECOMMENDATION = """What the claims studies found (README, docs/which-init.md):
-  - The starting point decides whether a deep plain network trains. From PyTorch's default init
-    (about 0.41x the He scale) the signal has vanished, and GradInit, MetaInit and NIO at their
-    papers' settings leave the network where it started.
-  - Start from the Hessian-norm rule (method "hessian"; He init for ReLU) or from Kaiming init.
-  - A learned stage on top of a good start (["hessian", "gradinit"], ["hessian", "nio"]) was
-    within the seed spread of the start alone on the deep plain networks studied here; MetaInit
-    at its paper's settings (noise inputs) shrank every layer and hurt."""
+  - The starting point decides whether a deep plain network trains. On the 16-layer networks
+    of the studies, PyTorch's default init (about 0.41x the He scale) loses the signal, and
+    GradInit, MetaInit and NIO at their papers' settings leave the network at chance; on this
+    10-layer MLP the signal survives and GradInit still finds its way, NIO does not.
+  - Start a plain CNN or MLP from a variance-preserving init: LSUV ("lsuv"), the Hessian-norm
+    rule ("hessian", He init for ReLU) or Kaiming ("kaiming"). LSUV was best on the SiLU CNN.
+  - A learned stage on a good start (["hessian", "gradinit"], ["hessian", "nio"]) stayed within
+    the seed spread of the start alone; MetaInit at its paper's settings (noise inputs) shrank
+    every layer and hurt. For a post-LN Transformer without warmup use GradInit's Transformer
+    recipe, not the Hessian rule or LSUV."""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
