@@ -9,7 +9,8 @@ GradInit minimizes must fall on held-out batches too.
 
 Ablations, each from the same Kaiming draw (paired by seed): the spec's settings (η = 0.1 with a
 normalized step, γ = 1, scale lr τ = 1e-2, T = 390); γ = 100 (the bound never binds); τ = 1e-3
-(a tenth of the scale learning rate); the spec's run with its weight scales replaced by their
+(a tenth of the scale learning rate); T = 100; η = 0.01 (about the length of the real first SGD
+step, lr 0.01 × ‖g‖ ≈ 0.9, instead of the paper's 0.1); the spec's run with its weight scales replaced by their
 geometric mean, and randomly permuted across layers. For every GradInit run: the held-out look-ahead loss before and
 after (8 batches not used by the search), the spread of the log weight scales, and the
 product of the weight scales (the network's end-to-end gain change). Then, at Kaiming init,
@@ -67,6 +68,8 @@ VARIANTS = {
     "gradinit": {},
     "gradinit γ=100": {"gamma": 100.0},
     "gradinit τ=1e-3": {"lr": 1e-3},
+    "gradinit T=100": {"steps": 100},
+    "gradinit η=0.01": {"eta": 0.01},  # about the real first step's length, lr 0.01 x |g| ~ 0.9
 }
 
 
