@@ -21,6 +21,7 @@ counts disagree in sign, and *inconclusive* otherwise.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -404,3 +405,23 @@ def compute_seconds(runs: list[dict[str, Any]]) -> float:
     """Seconds of computation in ``runs``: each init's wall time plus its training steps at the
     run's median step time (unlike the study's wall time, it survives resuming from the cache)."""
     return sum((r.get("init_seconds") or 0.0) + (r.get("step_seconds") or 0.0) * r["train_steps"] for r in runs)
+
+
+def study_args(
+    doc: str, name: str, argv: list[str] | None, tasks: list[str] | None, *, training: bool = True
+) -> argparse.Namespace:
+    """The command line every study shares: ``--quick``, ``--out``, ``--tasks``, ``--cache``
+    (and ``--lr``/``--steps`` with ``training``). The small version never reads the cache."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models and runs (seconds)")
+    p.add_argument("--out", type=Path, default=RESULTS / f"study_{name}.json")
+    p.add_argument("--tasks", nargs="+", default=tasks)
+    p.add_argument("--cache", type=Path, default=CACHE / "runs.jsonl", help="finished runs (resume)")
+    if training:
+        p.add_argument("--lr", type=float, default=0.01, help="training learning rate")
+        p.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the study's)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.cache = None  # the small version always computes
+    return args

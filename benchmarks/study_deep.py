@@ -28,16 +28,12 @@ run at 1 and at 2 threads; the verdict rule is in ``studies.py``. Writes
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from studies import (
-    CACHE,
-    RESULTS,
     TABLE_COLUMNS,
     baseline_of,
     compute_seconds,
@@ -46,6 +42,7 @@ from studies import (
     judge,
     plot_final_acc,
     rows_by_init,
+    study_args,
     thread_spread,
     train_grid,
     write_study,
@@ -71,17 +68,7 @@ CNN_METAINIT_STEPS = 100  # MetaInit's 500 steps cost ~3800 training steps on th
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models and runs (seconds)")
-    p.add_argument("--out", type=Path, default=RESULTS / "study_deep.json")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--tasks", nargs="+", default=None)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
-    p.add_argument("--cache", type=Path, default=CACHE / "runs.jsonl", help="finished runs (resume)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.cache = None  # the small version always computes
+    args = study_args(__doc__, "deep", argv, None)
     steps = args.steps or (12 if args.quick else 200)
     tasks = deep_tasks(quick=args.quick)
     names = args.tasks or DEFAULT_TASKS

@@ -30,7 +30,6 @@ Writes ``results/study_gradinit.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import statistics
@@ -41,14 +40,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from studies import (
-    CACHE,
-    RESULTS,
     TABLE_COLUMNS,
     compute_seconds,
     deep_tasks,
     judge,
     rows_by_init,
     stat,
+    study_args,
     thread_spread,
     train_grid,
     write_study,
@@ -139,14 +137,7 @@ def gradient_information(grads: torch.Tensor) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models and runs (seconds)")
-    p.add_argument("--out", type=Path, default=RESULTS / "study_gradinit.json")
-    p.add_argument("--tasks", nargs="+", default=["cnn16_silu_mnist1d", "mlp16_relu_mnist1d"])
-    p.add_argument("--cache", type=Path, default=CACHE / "runs.jsonl", help="finished runs (resume)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.cache = None  # the small version always computes
+    args = study_args(__doc__, "gradinit", argv, ["cnn16_silu_mnist1d", "mlp16_relu_mnist1d"], training=False)
     tasks = deep_tasks(quick=args.quick)
     steps = 12 if args.quick else 200
     train_kw = {"steps": steps, "lr": 0.01, "momentum": 0.9, "batch_size": 16 if args.quick else 64}
@@ -161,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             train = torch.utils.data.TensorDataset(*(t[:96] for t in train.tensors))
         held = list(loader(test, train_kw["batch_size"], seed=123))[:8]
-        seeds = [0, 1] if args.quick else [0, 1, 2] if name == HEADLINE else [0, 1, 2, 3, 4]
+        seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2] if name == HEADLINE else [0, 1, 2, 3, 4])
 
         def searched(seed: int, fields: dict, task: dict = task, train=train, name=name) -> tuple[nn.Module, dict]:
             """A fresh Kaiming draw of ``seed`` and GradInit run on a copy (cached per seed and fields)."""

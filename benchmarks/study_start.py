@@ -24,16 +24,12 @@ Writes ``results/study_start.json`` and ``results/study_start.png``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from studies import (
-    CACHE,
-    RESULTS,
     TABLE_COLUMNS,
     compute_seconds,
     deep_tasks,
@@ -41,6 +37,7 @@ from studies import (
     plot_final_acc,
     rows_by_init,
     stat,
+    study_args,
     thread_spread,
     train_grid,
     write_study,
@@ -92,16 +89,7 @@ def hessian_over_he(task: dict, quick: bool) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models and runs (seconds)")
-    p.add_argument("--out", type=Path, default=RESULTS / "study_start.json")
-    p.add_argument("--tasks", nargs="+", default=["mlp16_relu_mnist1d", "cnn16_silu_mnist1d"])
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
-    p.add_argument("--cache", type=Path, default=CACHE / "runs.jsonl", help="finished runs (resume)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.cache = None  # the small version always computes
+    args = study_args(__doc__, "start", argv, ["mlp16_relu_mnist1d", "cnn16_silu_mnist1d"])
     steps = args.steps or (12 if args.quick else 200)
     tasks = deep_tasks(quick=args.quick)
     train_kw = {"steps": steps, "lr": args.lr, "momentum": 0.9, "batch_size": 16 if args.quick else 64}
@@ -112,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         train, test = task["data"]()
         if args.quick:
             train = torch.utils.data.TensorDataset(*(t[:96] for t in train.tensors))
-        seeds = [0, 1] if args.quick else [0, 1, 2, 3, 4] if name.startswith("mlp") else [0, 1, 2]
+        seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4] if name.startswith("mlp") else [0, 1, 2])
         print(f"{name}: seeds {seeds}")
         for threads in (1, 2) if name == HEADLINE else (1,):
             for start in STARTS:
