@@ -18,7 +18,7 @@ vs the untouched ×1/4 init on the MLP) also at 2 threads. Writes
 ``results/study_recovery.json`` and ``results/study_recovery.png`` (per-layer norm ratio to the
 good init, per method, for ×1/4 and ×4).
 
-    python benchmarks/study_recovery.py            # default size (about 9-10 minutes of CPU, one thread)
+    python benchmarks/study_recovery.py            # default size (about 8 minutes of CPU, one thread)
     python benchmarks/study_recovery.py --quick    # tiny, seconds (what the tests run)
 """
 
