@@ -358,14 +358,37 @@ def thread_spread(runs: list[dict[str, Any]], key: str = "final_test_acc") -> li
     return out
 
 
-def plot_final_acc(runs: list[dict], names: list[str], path: Path) -> None:
-    """Final test accuracy per (start, init), one panel per task, one dot per seed (1 thread)."""
+def thread_note(runs: list[dict[str, Any]], task: str, per: str = "init, seed") -> str:
+    """The note on the 1-vs-2-thread spread of the final accuracy of ``task``'s runs."""
+    spread = thread_spread([r for r in runs if r["task"] == task])
+    return f"Thread check on {task}: |final acc at 1 thread - at 2 threads| per ({per}): " + (
+        f"mean {statistics.fmean(spread):.3f}, max {max(spread):.3f} over {len(spread)} runs." if spread else "n/a"
+    )
+
+
+def print_report(notes: list[str], verdicts: list[dict[str, Any]]) -> None:
+    """A study's notes, then one line per verdict."""
+    print("\n".join(notes))
+    for v in verdicts:
+        print(f"{v['verdict']:>14}: {v['claim']} ({v['evidence']})")
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` without matplotlib (no plot then)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
+        return None
+    return plt
+
+
+def plot_final_acc(runs: list[dict], names: list[str], path: Path) -> None:
+    """Final test accuracy per (start, init), one panel per task, one dot per seed (1 thread)."""
+    plt = pyplot()
+    if plt is None:  # pragma: no cover
         return
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):

@@ -28,7 +28,6 @@ run at 1 and at 2 threads; the verdict rule is in ``studies.py``. Writes
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 
@@ -41,9 +40,10 @@ from studies import (
     fmt,
     judge,
     plot_final_acc,
+    print_report,
     rows_by_init,
     study_args,
-    thread_spread,
+    thread_note,
     train_grid,
     write_study,
 )
@@ -120,12 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             verdicts += [fin, e1]
             row.append(f"{fmt(fin['pairs'][0])}; epoch 1 {fmt(e1['pairs'][0])} — {fin['verdict']}")
         table_rows.append(row)
-    spread = thread_spread([r for r in runs if r["task"] == HEADLINE])
     notes = [
         f"Training: SGD, momentum 0.9, lr {args.lr}, {steps} steps, batch {train_kw['batch_size']}; "
         "seeds 0-4 for the MLPs, 0-2 for the CNNs (paired by seed).",
-        f"Thread check on {HEADLINE}: |final acc at 1 thread - at 2 threads| per (init, seed): "
-        + (f"mean {statistics.fmean(spread):.3f}, max {max(spread):.3f} over {len(spread)} runs." if spread else "n/a"),
+        thread_note(runs, HEADLINE),
         f"Wall time of this invocation: {seconds:.0f} s; computation in the runs (inits + training, summed): "
         f"{compute_seconds(runs):.0f} s.",
     ]
@@ -146,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_study("deep", payload, args.out)
     plot_final_acc(runs, names, path.with_suffix(".png"))
-    print("\n".join(notes))
-    for v in verdicts:
-        print(f"{v['verdict']:>14}: {v['claim']} ({v['evidence']})")
+    print_report(notes, verdicts)
     return 0
 
 

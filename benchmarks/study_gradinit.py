@@ -44,10 +44,12 @@ from studies import (
     compute_seconds,
     deep_tasks,
     judge,
+    print_report,
+    pyplot,
     rows_by_init,
     stat,
     study_args,
-    thread_spread,
+    thread_note,
     train_grid,
     write_study,
 )
@@ -262,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         base = stat([r["final_test_acc"] for r in rs if r["init"] == "default" and r["threads"] == 1])
         rows.append([name, "Kaiming alone", f"{base[0]:.3f} ± {base[1]:.3f}", "", "0", "1"])
-    spread = thread_spread([r for r in runs if r["task"] == HEADLINE])
     notes = [
         f"Training: SGD, momentum 0.9, lr 0.01, {steps} steps, batch {train_kw['batch_size']}; "
         "seeds 0-2 on the CNN, 0-4 on the MLP, paired by seed (all from the same Kaiming draw).",
@@ -273,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             for n, d in information.items()
             for obj, v in d.items()
         ),
-        f"Thread check on {HEADLINE}: |final acc at 1 thread - at 2 threads| per (init, seed): "
-        + (f"mean {statistics.fmean(spread):.3f}, max {max(spread):.3f} over {len(spread)} runs." if spread else "n/a"),
+        thread_note(runs, HEADLINE),
         f"Wall time of this invocation: {seconds:.0f} s; computation in the runs (inits + training, summed): "
         f"{compute_seconds(runs):.0f} s.",
     ]
@@ -306,20 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_study("gradinit", payload, args.out)
     plot(searches, runs, args.tasks, path.with_suffix(".png"))
-    print("\n".join(notes))
-    for v in verdicts:
-        print(f"{v['verdict']:>14}: {v['claim']} ({v['evidence']})")
+    print_report(notes, verdicts)
     return 0
 
 
 def plot(searches: list[dict], runs: list[dict], names: list[str], path: Path) -> None:
     """Per-layer log scales of every GradInit variant (seed 0), one panel per task."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:  # pragma: no cover
         return
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):

@@ -35,10 +35,11 @@ from studies import (
     deep_tasks,
     judge,
     plot_final_acc,
+    print_report,
     rows_by_init,
     stat,
     study_args,
-    thread_spread,
+    thread_note,
     train_grid,
     write_study,
 )
@@ -153,14 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         (bs, bi), vals = max(means.items(), key=lambda kv: statistics.fmean(kv[1]))
         best[name] = {"start": bs, "init": bi, "final_test_acc": statistics.fmean(vals)}
     fixed_points = {name: hessian_over_he(tasks[name], args.quick) for name in args.tasks}
-    spread = thread_spread([r for r in runs if r["task"] == HEADLINE])
     notes = [
         f"Training: SGD, momentum 0.9, lr {args.lr}, {steps} steps, batch {train_kw['batch_size']}; "
         "seeds 0-4 on the MLP, 0-2 on the CNN (paired by seed).",
         "Best (start, init) by mean final accuracy: "
         + "; ".join(f"{n}: {b['start']} → {b['init']} ({b['final_test_acc']:.3f})" for n, b in best.items()),
-        f"Thread check on {HEADLINE}: |final acc at 1 thread - at 2 threads| per (start, init, seed): "
-        + (f"mean {statistics.fmean(spread):.3f}, max {max(spread):.3f} over {len(spread)} runs." if spread else "n/a"),
+        thread_note(runs, HEADLINE, "start, init, seed"),
         "The Hessian rule's weight std over the He std sqrt(2/fan_in), per layer (seed 0): "
         + "; ".join(
             f"{n}: hidden {min(v[:-1]):.2f}-{max(v[:-1]):.2f}, head {v[-1]:.2f}" for n, v in fixed_points.items()
@@ -190,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_study("start", payload, args.out)
     plot_final_acc(runs, args.tasks, path.with_suffix(".png"))
-    print("\n".join(notes))
-    for v in verdicts:
-        print(f"{v['verdict']:>14}: {v['claim']} ({v['evidence']})")
+    print_report(notes, verdicts)
     return 0
 
 
