@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from initopt.core.batches import Batch
 from initopt.core.functional import Evaluator
 
-__all__ = ["AffineTrace", "AffineUse", "record_affine"]
+__all__ = ["AffineTrace", "AffineUse", "fname", "record_affine", "tensors_in"]
 
 _AFFINE = {
     F.linear: "linear",
@@ -44,7 +44,8 @@ _MHA = F.multi_head_attention_forward
 _MHA_SIG = inspect.signature(_MHA)
 
 
-def _fname(func: Any) -> str:
+def fname(func: Any) -> str:
+    """A readable name of a torch function (``F.relu``, ``Tensor.add``, ``torch.tanh``)."""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     mod = getattr(func, "__module__", "") or ""
     if mod.startswith("torch.nn.functional"):
@@ -54,13 +55,14 @@ def _fname(func: Any) -> str:
     return name if "." in name else f"torch.{name}"
 
 
-def _tensors_in(x: Any) -> list[torch.Tensor]:
+def tensors_in(x: Any) -> list[torch.Tensor]:
+    """Every tensor in ``x``, looking inside lists, tuples and dicts."""
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors_in(v)]
+        return [t for v in x for t in tensors_in(v)]
     if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors_in(v)]
+        return [t for v in x.values() for t in tensors_in(v)]
     return []
 
 
@@ -164,7 +166,7 @@ class _Recorder(TorchFunctionMode):
         return True
 
     def _others(self, func: Any, tensors: list[torch.Tensor], skip: set[int]) -> None:
-        name = _fname(func)
+        name = fname(func)
         for t in tensors:
             if id(t) in skip:
                 continue
@@ -182,10 +184,10 @@ class _Recorder(TorchFunctionMode):
         if kind is not None and isinstance(out, torch.Tensor):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             skip = {id(weight)} if self._affine(weight, kind, [out]) else set()
-            self._others(func, _tensors_in(list(args) + list(kwargs.values())), skip)
+            self._others(func, tensors_in(list(args) + list(kwargs.values())), skip)
             return out
-        if _tensors_in(out):
-            self._others(func, _tensors_in(list(args) + list(kwargs.values())), set())
+        if tensors_in(out):
+            self._others(func, tensors_in(list(args) + list(kwargs.values())), set())
         return out
 
     def _attention(self, args: tuple, kwargs: dict, out: Any) -> None:
@@ -193,7 +195,7 @@ class _Recorder(TorchFunctionMode):
         try:
             bound = _MHA_SIG.bind(*args, **kwargs)
         except TypeError:  # pragma: no cover - a future signature
-            self._others(_MHA, _tensors_in(list(args) + list(kwargs.values())), set())
+            self._others(_MHA, tensors_in(list(args) + list(kwargs.values())), set())
             return
         a = bound.arguments
         skip: set[int] = set()
@@ -209,7 +211,7 @@ class _Recorder(TorchFunctionMode):
         if isinstance(w_out, torch.Tensor) and isinstance(result, torch.Tensor):
             if self._affine(w_out, "mha.out_proj", [result]):
                 skip.add(id(w_out))
-        self._others(_MHA, _tensors_in(list(a.values())), skip)
+        self._others(_MHA, tensors_in(list(a.values())), skip)
 
 
 def _in_projection(

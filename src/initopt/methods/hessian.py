@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from initopt.core.affine import fname, tensors_in
 from initopt.core.batches import Batch
 from initopt.core.blocks import ScaleSpace
 from initopt.core.curvature import HessianOperator, hutchpp, top_eigenvalues
@@ -209,26 +210,6 @@ _LOSSES = {
 }
 
 
-def _fname(func: Any) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    mod = getattr(func, "__module__", "") or ""
-    if mod.startswith("torch.nn.functional"):
-        return f"F.{name}"
-    if name.startswith("_TensorBase.") or name.startswith("TensorBase."):
-        name = "Tensor." + name.split(".", 1)[1]
-    return name if "." in name else f"torch.{name}"
-
-
-def _tensors_in(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors_in(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors_in(v)]
-    return []
-
-
 class _Unary:
     """``func`` with every argument but the first fixed: :math:`t \\mapsto f(t, \\ldots)`."""
 
@@ -381,11 +362,11 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.chains or not _tensors_in(out):
+        if not self.chains or not tensors_in(out):
             return out
         first = args[0] if args else kwargs.get("input")
         seen: set[int] = set()
-        for t in _tensors_in(list(args) + list(kwargs.values())):
+        for t in tensors_in(list(args) + list(kwargs.values())):
             if id(t) in seen:
                 continue
             seen.add(id(t))
@@ -393,13 +374,13 @@ class _Recorder(TorchFunctionMode):
             if ch is None:
                 continue
             if not current:
-                ch.finish("unknown", f"its output is used by more than one operation (also {_fname(func)})")
+                ch.finish("unknown", f"its output is used by more than one operation (also {fname(func)})")
                 continue
             self._advance(ch, func, args, kwargs, out, t is first)
         return out
 
     def _advance(self, ch: _Chain, func: Any, args: tuple, kwargs: dict, out: Any, is_first: bool) -> None:
-        name = _fname(func)
+        name = fname(func)
         if not is_first or not isinstance(out, torch.Tensor):
             self._stop(ch, f"{name} (not an elementwise function of the layer output)")
             return
@@ -441,7 +422,7 @@ class _Recorder(TorchFunctionMode):
             ch.finish("unknown", f"its output goes into {what} before any activation")
 
     def model_output(self, out: Any) -> None:
-        outs = _tensors_in(out)
+        outs = tensors_in(out)
         for ch in self.chains:
             if ch.state == "open" and any(ch.current is o for o in outs):
                 ch.finish("done", ch.end if ch.nonlinear else "identity (output layer)")
