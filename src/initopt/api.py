@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from initopt.core.batches import BatchSource, Task, _describe, check_loss
 from initopt.core.blocks import apply_scales_
 from initopt.core.functional import Evaluator, search_mode
 from initopt.core.progress import Progress
+from initopt.core.step import OptimizerSpec, TrainStep
 from initopt.errors import ConfigError, DataError, InitOptError, LossError, ModelError
 from initopt.methods.base import Method, Problem, get_method, make_config
 from initopt.result import InitResult
@@ -53,6 +55,7 @@ def run_method(
     steps: int | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    optimizer: OptimizerSpec = None,
 ) -> InitResult:
     """Run one method on ``model`` in place (the engine behind :func:`initialize_`)."""
     if not isinstance(model, nn.Module):
@@ -62,6 +65,7 @@ def run_method(
         raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
     task = Task(loss_fn=loss_fn, forward_fn=forward_fn)
     space = method.make_space(model)
+    step = None if optimizer is None else TrainStep.from_spec(optimizer, space)
     evaluator = Evaluator(model, space, task)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=_devices(model)), search_mode(model, method.mode):
@@ -69,7 +73,7 @@ def run_method(
         batches = BatchSource(data, space.device)
         _validate(evaluator, batches.first)
         generator = torch.Generator(device=space.device).manual_seed(seed)
-        problem = Problem(model, space, evaluator, batches, generator, seed)
+        problem = Problem(model, space, evaluator, batches, generator, seed, step)
         with Progress(steps, desc=method.name, enabled=progress) as bar:
             outcome = method.search(problem, steps, bar)
     seconds = time.perf_counter() - t0
@@ -87,6 +91,7 @@ def run_method(
         unscalable=tuple(space.unscalable),
         before=outcome.before,
         after=outcome.after,
+        info=outcome.info,
     )
 
 
@@ -116,6 +121,7 @@ def initialize_(
     steps: int | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    optimizer: OptimizerSpec = None,
     **config: Any,
 ) -> InitResult:
     """Optimize the initialization of ``model`` in place and return what was done.
@@ -133,6 +139,11 @@ def initialize_(
         steps: iterations (``None``: the method's default).
         seed: seed of all randomness of the method (batch order, probes, noise inputs).
         progress: ``None`` shows a progress bar when standard error is a terminal.
+        optimizer: the training optimizer: a ``torch.optim.Optimizer`` instance, its class,
+            or ``(class, settings dict)``. Methods that model a training step (GradInit's
+            look-ahead, ``auto``'s trial runs) replay its real steps on copies; the
+            optimizer and its state are not touched. Other methods do not use it (a
+            warning says so when no stage of the call does).
         **config: fields of the method's config dataclass; unknown keys are an error.
 
     Returns:
@@ -144,17 +155,19 @@ def initialize_(
         >>> sorted(initialize_(net, batch, "gradinit", steps=3).scales)[:2]
         ['0.bias', '0.weight']
     """
-    kw = {"loss_fn": loss_fn, "forward_fn": forward_fn, "seed": seed, "progress": progress}
+    kw = {"loss_fn": loss_fn, "forward_fn": forward_fn, "seed": seed, "progress": progress, "optimizer": optimizer}
     if isinstance(method, (str, Method)) or (
         isinstance(method, tuple) and len(method) == 2 and isinstance(method[1], dict)
     ):
         stage, _ = _as_stage(method, config)
+        _warn_unused_optimizer(optimizer, [stage])
         return run_method(stage, model, data, steps=steps, **kw)
     if not isinstance(method, Sequence) or not method:
         raise ConfigError(f"method must be a name, a Method or a non-empty list of them; got {method!r}")
     if config or steps is not None:
         raise ConfigError("for a pipeline, give steps and config per stage: [(name, {...}), ...]")
     stages = [_as_stage(s, {})[0] for s in method]
+    _warn_unused_optimizer(optimizer, stages)
     saved = [(p, p.detach().clone()) for p in {id(p): p for p in model.parameters()}.values()]
     results: list[InitResult] = []
     try:
@@ -180,4 +193,16 @@ def initialize_(
         unscalable=results[-1].unscalable,
         before=results[0].before,
         after=results[-1].after,
+        info={f"stage {i}": r.info for i, r in enumerate(results) if r.info},
     )
+
+
+def _warn_unused_optimizer(optimizer: OptimizerSpec, stages: list[Method]) -> None:
+    if optimizer is not None and not any(s.uses_optimizer for s in stages):
+        names = ", ".join(s.name for s in stages)
+        warnings.warn(
+            f"optimizer= is not used by {names}: only methods that model a training step use it "
+            "(gradinit, auto)",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -27,8 +27,9 @@ from initopt.core.batches import Task, class_last
 from initopt.core.progress import Progress
 from initopt.data import loader
 from initopt.errors import ConfigError
+from initopt.methods.base import Method, get_method
 
-__all__ = ["CompareReport", "InitSpec", "compare", "evaluate", "make_optimizer", "parse_init"]
+__all__ = ["CompareReport", "InitSpec", "compare", "evaluate", "make_optimizer", "models_a_step", "parse_init"]
 
 InitSpec = str | tuple[str, dict[str, Any]] | list[Any]
 
@@ -167,6 +168,7 @@ def compare(
     log: Callable[[str], None] | None = None,
     warmup_steps: int = 0,
     betas: tuple[float, float] = (0.9, 0.999),
+    pass_optimizer: bool = False,
 ) -> CompareReport:
     """Train ``make_model()`` from each initialization in ``inits`` for every seed.
 
@@ -181,6 +183,10 @@ def compare(
         warmup_steps: linear learning-rate warmup: step ``t`` (from 0) runs at
             ``lr * min(1, (t + 1) / warmup_steps)``; ``0`` (default): constant ``lr``.
         betas: Adam's ``(beta1, beta2)`` (``optimizer="adam"`` only; SGD ignores them).
+        pass_optimizer: give the run's training optimizer (fresh, with its warmup applied)
+            as ``optimizer=`` to the inits that model a training step (GradInit, ``auto``);
+            ``False``: they use their own settings (GradInit's paper :math:`\\eta`; ``auto``
+            then assumes SGD with lr 0.01 and momentum 0.9).
     """
     if optimizer not in ("sgd", "adam"):
         raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -205,6 +211,7 @@ def compare(
             "init_steps": init_steps,
             "warmup_steps": warmup_steps,
             "betas": list(betas),
+            "pass_optimizer": pass_optimizer,
             "steps_per_epoch": epoch,
             "torch": torch.__version__,
         }
@@ -216,17 +223,25 @@ def compare(
                 torch.manual_seed(seed)
                 model = make_model()
                 init_seconds = 0.0
+                choice = None
                 if spec != "default":
+                    train_opt = None
+                    if pass_optimizer and models_a_step(spec):
+                        train_opt, _ = make_optimizer(
+                            model, optimizer, lr, momentum, warmup_steps=warmup_steps, betas=betas
+                        )
                     t0 = time.perf_counter()
-                    initialize_(
+                    init_result = initialize_(
                         model,
                         loader(train, batch_size, seed=seed + 10_000),
                         spec,
                         seed=seed,
                         steps=init_steps if isinstance(spec, str) else None,
                         progress=False,
+                        optimizer=train_opt,
                     )
                     init_seconds = time.perf_counter() - t0
+                    choice = init_result.info.get("choice")
                 rec = _train(
                     model,
                     train,
@@ -243,6 +258,8 @@ def compare(
                     betas=betas,
                 )
                 rec.update(init=label, seed=seed, init_seconds=init_seconds)
+                if choice is not None:  # what auto chose
+                    rec["init_choice"] = choice
                 rec["init_in_train_steps"] = init_seconds / rec["step_seconds"] if rec["step_seconds"] else None
                 report.runs.append(rec)
                 if log:
@@ -251,6 +268,17 @@ def compare(
                         f"acc {rec['final_test_acc']:.3f}{' (diverged)' if rec['diverged'] else ''}"
                     )
     return report
+
+
+def models_a_step(spec: Any) -> bool:
+    """Whether an init spec has a stage that models a training step (takes ``optimizer=``)."""
+    if isinstance(spec, Method):
+        return spec.uses_optimizer
+    if isinstance(spec, str):
+        return get_method(spec).uses_optimizer
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+        return get_method(spec[0]).uses_optimizer
+    return any(models_a_step(s) for s in spec)
 
 
 def make_optimizer(

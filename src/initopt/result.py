@@ -35,6 +35,8 @@ class InitResult:
         stages: for a pipeline, one result per stage in order; empty otherwise.
         unscalable: trainable tensors of norm 0 that no scale can change.
         before, after: the method's own measures on a fixed batch before and after.
+        info: what else the method reports (``auto``: the candidates it tried, what each
+            measured and why it chose; methods given ``optimizer=``: the step they modeled).
     """
 
     method: str
@@ -46,6 +48,7 @@ class InitResult:
     unscalable: tuple[str, ...] = ()
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become ``None``/``"inf"``)."""
@@ -60,6 +63,7 @@ class InitResult:
                 "unscalable": list(self.unscalable),
                 "before": self.before,
                 "after": self.after,
+                "info": self.info,
             }
         )
 

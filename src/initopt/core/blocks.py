@@ -126,6 +126,19 @@ class ScaleSpace:
         self.dtype = first.dtype if first.dtype in (torch.float64,) else torch.float32
         self._w0 = [b.param.detach() for b in blocks]
 
+    def rebased(self, alpha: torch.Tensor) -> ScaleSpace:
+        """A copy whose initial tensors are :math:`\\alpha_i W_i^0` (new tensors; the model's
+        are not touched). Scales found on it multiply ``alpha``."""
+        out = object.__new__(ScaleSpace)
+        out.__dict__.update(self.__dict__)
+        a = alpha.detach()
+        with torch.no_grad():
+            out._w0 = [w * a[i].to(w.device, w.dtype) for i, w in enumerate(self._w0)]
+        out.blocks = [
+            Block(b.names, b.param, b.role, float(b.init_norm * abs(float(a[i])))) for i, b in enumerate(self.blocks)
+        ]
+        return out
+
     # -- bounds and variables ----------------------------------------------------------
 
     def __len__(self) -> int:

@@ -1,5 +1,6 @@
 """Initialization methods, one file per paper, registered by name."""
 
+from initopt.methods.auto import Auto, AutoConfig
 from initopt.methods.base import Method, Outcome, Problem, get_method, methods, register
 from initopt.methods.gradinit import GradInit, GradInitConfig
 from initopt.methods.hessian import HessianInit, HessianInitConfig
@@ -9,6 +10,8 @@ from initopt.methods.metainit import MetaInit, MetaInitConfig
 from initopt.methods.nio import NIO, NIOConfig
 
 __all__ = [
+    "Auto",
+    "AutoConfig",
     "LSUV",
     "NIO",
     "GradInit",

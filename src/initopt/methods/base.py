@@ -19,6 +19,7 @@ from initopt.core.batches import Batch, BatchSource
 from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.core.progress import Progress
+from initopt.core.step import TrainStep
 from initopt.errors import ConfigError
 
 __all__ = ["Method", "Outcome", "Problem", "get_method", "methods", "register"]
@@ -61,7 +62,8 @@ def make_config(config_cls: type, fields: dict[str, Any], method: str) -> Any:
 
 @dataclass
 class Problem:
-    """What a search works on: the model (read-only), its blocks, data and loss."""
+    """What a search works on: the model (read-only), its blocks, data and loss, and the
+    training optimizer's step when the user gave one (``optimizer=``)."""
 
     model: nn.Module
     space: ScaleSpace
@@ -69,6 +71,14 @@ class Problem:
     batches: BatchSource
     generator: torch.Generator
     seed: int
+    step: TrainStep | None = None
+
+    def rebased(self, alpha: torch.Tensor) -> Problem:
+        """The same problem with the initial tensors replaced by :math:`\\alpha_i W_i^0`:
+        a method searched on it learns scales relative to ``alpha``."""
+        space = self.space.rebased(alpha)
+        ev = Evaluator(self.model, space, self.evaluator.task)
+        return Problem(self.model, space, ev, self.batches, self.generator, self.seed, self.step)
 
     def next_batch(self) -> Batch:
         return next(self.batches)
@@ -76,24 +86,28 @@ class Problem:
 
 @dataclass
 class Outcome:
-    """What a search returns: final scales (one per block), history, measures before/after."""
+    """What a search returns: final scales (one per block), history, measures before/after,
+    and anything else the method reports (``info``, JSON-ready)."""
 
     alpha: torch.Tensor
     history: list[dict[str, Any]] = field(default_factory=list)
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(ABC):
     """Base class of initialization methods.
 
     Subclasses set ``name``, ``Config`` (a frozen dataclass with a ``steps`` field) and
-    ``summary``, and implement :meth:`search`.
+    ``summary``, and implement :meth:`search`. ``uses_optimizer`` is true for methods whose
+    objective models a training step (they read :attr:`Problem.step`).
     """
 
     name: ClassVar[str]
     Config: ClassVar[type]
     summary: ClassVar[str] = ""
+    uses_optimizer: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, /, **fields: Any) -> None:
         if config is None:

@@ -18,6 +18,15 @@ one batch :math:`S = [B_0; B_1]` and half of the next batch :math:`B_2`;
 double backward); otherwise an *objective step*, first order: the look-ahead gradient does
 not flow through :math:`g`, so it costs one more forward and backward and no
 double-backward graph is built. Scales are updated by :class:`~initopt.core.RescaleAdam`.
+
+With the training optimizer given (``initialize_(..., optimizer=...)``), the look-ahead is
+its real first step instead of :math:`\eta A[g]`: :math:`\theta - \Delta(g)` with the
+optimizer's learning rate, momentum, weight decay or Adam's :math:`g/(|g|+\epsilon)`
+(:meth:`~initopt.core.step.TrainStep.first_step`), and the bound is on
+:math:`\|g\|_1` when that step ignores the gradient's scale (Adam-like), on
+:math:`\|g\|_2` otherwise. ``eta`` then only divides the objective, and ``target`` and
+``normalize`` are not used. The paper's :math:`\eta` is a fixed step length (0.1 after
+normalization), usually far longer than a real first step at lr 0.01.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.core.optim import RescaleAdam
 from initopt.core.progress import Progress
+from initopt.core.step import TrainStep
 from initopt.errors import ConfigError, LossError
 from initopt.methods.base import Method, Outcome, Problem, register
 
@@ -118,12 +128,19 @@ class GradInit(Method):
     name = "gradinit"
     Config = GradInitConfig
     summary = "scales so that one SGD/Adam step lowers the loss most, under a gradient-norm bound"
+    uses_optimizer = True
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def grad_norm(self, g: list[torch.Tensor]) -> torch.Tensor:
+    def norm_order(self, step: TrainStep | None = None) -> int:
+        """1 for the ``adam`` target or an Adam-like optimizer, else 2."""
+        if step is not None:
+            return 1 if step.scale_invariant else 2
+        return 1 if self.config.target == "adam" else 2
+
+    def grad_norm(self, g: list[torch.Tensor], p: int | None = None) -> torch.Tensor:
         """:math:`\\|g\\|_2` (``sgd``) or :math:`\\|g\\|_1` (``adam``), differentiable."""
-        p = 1 if self.config.target == "adam" else 2
+        p = self.norm_order() if p is None else p
         if not any(x.requires_grad for x in g):  # first-order pass: one fused kernel
             return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g, p)), p)
         if p == 1:
@@ -146,13 +163,20 @@ class GradInit(Method):
         g: list[torch.Tensor],
         norm: torch.Tensor,
         batch: Batch,
+        step: TrainStep | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:math:`L(\\tilde S; \\theta - \\eta A[g]) / \\eta` and the leaves it was taken at.
 
         Consumes ``theta`` and ``g``: the step is taken in their storage, so that no extra
-        copy of the parameters is made (peak memory close to a training step's).
+        copy of the parameters is made (peak memory close to a training step's). With a
+        training ``step``, :math:`\\theta - \\Delta(g)` is its real first step (on copies).
         """
         eta = self.config.eta
+        if step is not None:
+            moved = step.first_step(theta, g)
+            g.clear()
+            moved = [m.requires_grad_(True) for m in moved]
+            return ev.loss(moved, batch) / eta, moved
         with torch.no_grad():
             moved = [t.detach() for t in theta]
             if self.config.target == "adam":
@@ -169,7 +193,14 @@ class GradInit(Method):
         return ev.loss(moved, batch) / eta, moved
 
     def iteration(
-        self, ev: Evaluator, space: ScaleSpace, alpha: torch.Tensor, S: Batch, S_tilde: Batch
+        self,
+        ev: Evaluator,
+        space: ScaleSpace,
+        alpha: torch.Tensor,
+        S: Batch,
+        S_tilde: Batch,
+        step: TrainStep | None = None,
+        p: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """One GradInit iteration at ``alpha``: the scale gradient and a record.
 
@@ -179,7 +210,7 @@ class GradInit(Method):
         theta = space.leaves(alpha)
         loss = ev.loss(theta, S)
         g = _zeros_for_none(torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True), theta)
-        norm = self.grad_norm(g)
+        norm = self.grad_norm(g, p)
         loss_v, norm_v = torch.stack([loss.detach().double(), norm.detach().double()]).tolist()
         if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
             raise LossError(
@@ -189,27 +220,34 @@ class GradInit(Method):
         rec: dict[str, Any] = {"loss": loss_v, "grad_norm": norm_v}
         if norm_v > self.config.gamma:
             g2 = _zeros_for_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
-            n2 = self.grad_norm(g2)
+            n2 = self.grad_norm(g2, p)
             dn = torch.autograd.grad(n2, theta, allow_unused=True)
             rec["branch"] = "constraint"
             return space.scale_grad(dn), rec
         del loss
-        obj, moved = self.lookahead(ev, theta, g, norm, S_tilde)
+        obj, moved = self.lookahead(ev, theta, g, norm, S_tilde, step)
         d = torch.autograd.grad(obj, moved, allow_unused=True)
         rec["branch"] = "objective"
         rec["lookahead_loss"] = obj.detach() * self.config.eta
         return space.scale_grad(d), rec
 
     def measure(
-        self, ev: Evaluator, space: ScaleSpace, alpha: torch.Tensor, S: Batch, S_tilde: Batch
+        self,
+        ev: Evaluator,
+        space: ScaleSpace,
+        alpha: torch.Tensor,
+        S: Batch,
+        S_tilde: Batch,
+        step: TrainStep | None = None,
+        p: int | None = None,
     ) -> dict[str, float]:
         """Loss, gradient norm and look-ahead loss :math:`L(\\tilde S; \\theta - \\eta A[g])`."""
         theta = space.leaves(alpha)
         loss = ev.loss(theta, S)
         g = _zeros_for_none(torch.autograd.grad(loss, theta, allow_unused=True), theta)
-        norm = self.grad_norm(g)
+        norm = self.grad_norm(g, p)
         with torch.no_grad():
-            obj, _ = self.lookahead(ev, theta, g, norm, S_tilde)
+            obj, _ = self.lookahead(ev, theta, g, norm, S_tilde, step)
         v = torch.stack([loss.detach(), norm, obj * self.config.eta]).double().tolist()
         return {"loss": v[0], "grad_norm": v[1], "lookahead_loss": v[2]}
 
@@ -230,12 +268,14 @@ class GradInit(Method):
         opt = RescaleAdam(lo, hi, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, clip=cfg.clip)
         S = problem.next_batch()
         nxt = problem.next_batch()
+        step = problem.step
+        p = self.norm_order(step)
         probe = (S, self.pair(problem, S, nxt))
-        before = self.measure(ev, space, alpha, *probe)
+        before = self.measure(ev, space, alpha, *probe, step, p)
         history: list[dict[str, Any]] = []
         for t in range(steps):
             t0 = time.perf_counter()
-            grad, rec = self.iteration(ev, space, alpha, S, self.pair(problem, S, nxt))
+            grad, rec = self.iteration(ev, space, alpha, S, self.pair(problem, S, nxt), step, p)
             opt.step(alpha, grad, kind=rec["branch"])
             history.append({"step": t, **rec, "seconds": time.perf_counter() - t0})
             progress.update(branch=rec["branch"][:3], norm=f"{rec['grad_norm']:.3g}")
@@ -245,5 +285,6 @@ class GradInit(Method):
         it = iter(values)
         for h in history:
             h["lookahead_loss"] = next(it) if h["branch"] == "objective" else None
-        after = self.measure(ev, space, alpha, *probe)
-        return Outcome(alpha=alpha, history=history, before=before, after=after)
+        after = self.measure(ev, space, alpha, *probe, step, p)
+        info = {} if step is None else {"lookahead": step.describe(), "bound": f"l{p}"}
+        return Outcome(alpha=alpha, history=history, before=before, after=after, info=info)

@@ -1,0 +1,206 @@
+"""The user's training optimizer, replayed on copies of the model's tensors.
+
+Methods whose objective models a training step (GradInit's look-ahead, ``auto``'s trial
+runs) take the training optimizer as ``optimizer=``: a ``torch.optim.Optimizer`` instance,
+its class, or ``(class, settings)``. :class:`TrainStep` keeps only its class and the
+hyperparameters of its parameter groups, and replays its steps on *fresh* optimizers built
+over copies of the model's tensors, so the user's optimizer, its state and its parameters
+are never touched.
+
+* :meth:`TrainStep.first_step` is the optimizer's first update from a fresh state,
+  :math:`\\theta_1 = \\theta_0 - \\Delta(g)`: for SGD with momentum and no dampening on the
+  first step :math:`\\Delta = \\mathrm{lr}\\,(g + \\lambda\\theta)` (Nesterov:
+  :math:`(1+\\mu)\\,\\mathrm{lr}\\,g`), for Adam :math:`\\Delta = \\mathrm{lr}\\,
+  g/(|g|+\\epsilon)`, about :math:`\\mathrm{lr}\\,\\mathrm{sign}(g)`. This replaces GradInit's
+  fixed :math:`\\eta A[g]`.
+* :func:`trial_run` trains copies of the tensors for a few real steps and measures the loss
+  on held-out batches before and after: ``auto``'s measure of trainability.
+
+A tensor that is not in any of the instance's parameter groups is not moved.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from initopt.core.batches import Batch
+from initopt.core.blocks import ScaleSpace
+from initopt.core.functional import Evaluator
+from initopt.errors import ConfigError, LossError
+
+__all__ = ["OptimizerSpec", "TrainStep", "trial_run"]
+
+OptimizerSpec = Any  # torch.optim.Optimizer | type[Optimizer] | tuple[type[Optimizer], dict] | None
+
+_NEEDS_CLOSURE = ("LBFGS",)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v)
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """A training optimizer's class and per-group settings, mapped onto a model's blocks.
+
+    Attributes:
+        cls: the optimizer class.
+        groups: hyperparameters of each parameter group (``params`` removed).
+        group_of: for each block of the space, the index of its group (``None``: the
+            optimizer does not train that tensor).
+    """
+
+    cls: type[torch.optim.Optimizer]
+    groups: tuple[dict[str, Any], ...]
+    group_of: tuple[int | None, ...]
+
+    @classmethod
+    def from_spec(cls, spec: OptimizerSpec, space: ScaleSpace) -> TrainStep:
+        """Read ``optimizer=``: an instance, a class, or ``(class, settings dict)``."""
+        if isinstance(spec, torch.optim.Optimizer):
+            where = {id(p): i for i, g in enumerate(spec.param_groups) for p in g["params"]}
+            groups = tuple({k: v for k, v in g.items() if k != "params"} for g in spec.param_groups)
+            group_of = tuple(where.get(id(b.param)) for b in space.blocks)
+            if all(i is None for i in group_of):
+                raise ConfigError(
+                    "optimizer= holds none of the model's trainable parameters (was it built for another model "
+                    "or a copy? pass (class, settings) to use its settings on this model)"
+                )
+            out = cls(type(spec), groups, group_of)
+        else:
+            if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+                klass, settings = spec
+            elif isinstance(spec, type):
+                klass, settings = spec, {}
+            else:
+                raise ConfigError(
+                    "optimizer= takes a torch.optim.Optimizer instance, its class, or (class, settings dict); "
+                    f"got {spec!r}"
+                )
+            if not (isinstance(klass, type) and issubclass(klass, torch.optim.Optimizer)):
+                raise ConfigError(f"optimizer=: {klass!r} is not a torch.optim.Optimizer class")
+            try:
+                probe = klass([torch.zeros(1, requires_grad=True)], **settings)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"optimizer=: {klass.__name__}(**{settings}) failed: {e}") from None
+            groups = ({k: v for k, v in probe.param_groups[0].items() if k != "params"},)
+            out = cls(klass, groups, tuple(0 for _ in space.blocks))
+        if out.cls.__name__ in _NEEDS_CLOSURE:
+            raise ConfigError(f"optimizer=: {out.cls.__name__} needs a closure per step and cannot be replayed")
+        return out
+
+    # -- what it is -----------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """``{"optimizer": class name, "groups": [settings, ...]}``, JSON-ready."""
+        keep = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "alpha", "amsgrad")
+        groups = [{k: _plain(g[k]) for k in keep if k in g} for g in self.groups]
+        return {"optimizer": self.cls.__name__, "groups": groups}
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the first group (the one most tensors are in)."""
+        return float(_plain(self.groups[0].get("lr", math.nan)))
+
+    def optimizer(self, tensors: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
+        """A fresh optimizer of this class over ``tensors`` (leaf tensors, one per block)."""
+        groups = [
+            {"params": [t for t, i in zip(tensors, self.group_of, strict=True) if i == k], **hp}
+            for k, hp in enumerate(self.groups)
+        ]
+        groups = [g for g in groups if g["params"]]
+        return self.cls(groups)
+
+    @property
+    def scale_invariant(self) -> bool:
+        """Whether the first step ignores the gradient's scale (Adam-like): then GradInit's
+        bound is on :math:`\\|g\\|_1`, as for the paper's ``adam`` target."""
+        d = [self._probe(1.0), self._probe(2.0)]
+        return bool(torch.allclose(d[0], d[1], rtol=1e-3, atol=0.0))
+
+    def _probe(self, c: float) -> torch.Tensor:
+        t = torch.full((4,), 1.0, dtype=torch.float64)
+        g = torch.tensor([0.5, -0.25, 1.0, -2.0], dtype=torch.float64) * c
+        step = TrainStep(self.cls, self.groups[:1], (0,))
+        return t - step.first_step([t], [g])[0]
+
+    # -- replaying it ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_step(self, tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:math:`\\theta - \\Delta(g)`: the optimizer's first step from a fresh state, on copies.
+
+        Returns new detached tensors; ``tensors`` and ``grads`` are not changed.
+        """
+        moved = [t.detach().clone() for t in tensors]
+        for m, g in zip(moved, grads, strict=True):
+            m.grad = g.detach()
+        opt = self.optimizer(moved)
+        opt.step()
+        for m in moved:
+            m.grad = None
+        return moved
+
+
+def _holdout_loss(ev: Evaluator, tensors: list[torch.Tensor], holdout: Sequence[Batch]) -> float:
+    with torch.no_grad():
+        losses = torch.stack([ev.loss(tensors, b, where="a held-out batch").detach().double() for b in holdout])
+    return float(losses.mean())
+
+
+def trial_run(
+    ev: Evaluator,
+    step: TrainStep,
+    tensors: Sequence[torch.Tensor],
+    train: Sequence[Batch],
+    holdout: Sequence[Batch],
+) -> dict[str, Any]:
+    """Train copies of ``tensors`` with the optimizer for ``len(train)`` steps.
+
+    Returns ``holdout_before`` and ``holdout_after`` (mean loss on the held-out batches),
+    ``train_loss`` (the loss of each step), ``diverged`` (a non-finite loss stopped the run;
+    ``holdout_after`` is then ``inf``) and ``step_seconds`` (median wall time of one step).
+    The model and ``tensors`` are not changed.
+    """
+    params = [t.detach().clone().requires_grad_(True) for t in tensors]
+    before = _holdout_loss(ev, params, holdout)
+    if not math.isfinite(before):
+        raise LossError(f"the held-out loss is {before} before any training step")
+    opt = step.optimizer(params)
+    losses: list[float] = []
+    seconds: list[float] = []
+    diverged = False
+    for b in train:
+        t0 = time.perf_counter()
+        loss = ev.loss(params, b)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+        seconds.append(time.perf_counter() - t0)
+        v = float(loss.detach())
+        losses.append(v)
+        if not math.isfinite(v):
+            diverged = True
+            break
+    after = math.inf if diverged else _holdout_loss(ev, params, holdout)
+    if not math.isfinite(after):
+        diverged, after = True, math.inf
+    seconds.sort()
+    return {
+        "holdout_before": before,
+        "holdout_after": after,
+        "train_loss": losses,
+        "diverged": diverged,
+        "step_seconds": seconds[len(seconds) // 2] if seconds else math.nan,
+    }

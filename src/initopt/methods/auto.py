@@ -1,0 +1,224 @@
+"""``auto``: choose a starting point and at most one learned stage by short trial runs.
+
+Built on the claims studies (``docs/studies.md``): the starting point decides most of what
+a learned method can reach (GradInit and NIO from PyTorch's default init stay at chance on
+deep plain nets, from Kaiming or the Hessian rule they train); which start is best depends
+on the model (LSUV on a SiLU CNN, the model's own init on a post-LN Transformer, where the
+Hessian rule and LSUV stall it); GradCosine does not predict accuracy, while the loss a few
+real optimizer steps reach does. So ``auto`` measures that directly:
+
+1. **Starts.** For each start in ``starts`` (``"model"``: the model's own tensors;
+   ``"kaiming"``, ``"lsuv"``, ``"hessian"``: those methods at their defaults), train copies
+   of the tensors for ``trial_steps`` real steps of the training optimizer on the same
+   batches, and measure the mean loss on ``holdout`` held-out batches. The start with the
+   lowest held-out loss :math:`\\ell_{\\text{start}}` wins (a start that fails or diverges
+   is out).
+2. **At most one learned stage.** Each method in ``learned`` runs ``steps`` iterations from
+   the winning start (GradInit with the optimizer's real first step as its look-ahead and
+   :math:`T\\tau` equal to the paper's 390 × 0.01; NIO for half as many iterations on two
+   sub-batches, with :math:`T\\tau` of its released 100 × 3e-3), and is
+   trialled the same way. The best is kept only if its held-out loss is below
+   :math:`(1 - \\text{margin})\\,\\ell_{\\text{start}}`.
+
+The optimizer is the user's (``optimizer=``); without one, SGD with lr 0.01 and momentum
+0.9 is assumed and the result says so. The result's ``info`` lists every candidate with its
+measures, the choice and the reason, and the cost in training steps (total time over the
+median time of one trial step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from initopt.core.functional import search_mode
+from initopt.core.progress import Progress
+from initopt.core.step import TrainStep, trial_run
+from initopt.errors import ConfigError, InitOptError
+from initopt.methods.base import Method, Outcome, Problem, get_method, register
+
+__all__ = ["Auto", "AutoConfig"]
+
+STARTS = ("model", "kaiming", "lsuv", "hessian")
+LEARNED = ("gradinit", "nio")
+DEFAULT_OPTIMIZER = (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9})
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """Settings of ``auto``.
+
+    Attributes:
+        starts: starting points tried (``"model"`` and scale-only methods).
+        learned: learned methods tried on the best start (at most one is kept).
+        trial_steps: real optimizer steps of each trial run.
+        holdout: batches held out of the trial runs to measure their loss on.
+        margin: relative held-out loss improvement a learned stage must show to be kept.
+        steps: iterations of each learned stage (``0``: a no-op, scales of 1).
+        mode: ``"train"`` (BatchNorm on batch statistics, dropout off) or ``"eval"``.
+    """
+
+    starts: tuple[str, ...] = STARTS
+    learned: tuple[str, ...] = LEARNED
+    trial_steps: int = 25
+    holdout: int = 2
+    margin: float = 0.02
+    steps: int = 100
+    mode: str = "train"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "starts", tuple(self.starts))
+        object.__setattr__(self, "learned", tuple(self.learned))
+        if not self.starts:
+            raise ConfigError("auto: starts must name at least one start")
+        for s in self.starts:
+            if s != "model":
+                cls = get_method(s)
+                if cls.name in ("auto",) or cls.name in LEARNED:
+                    raise ConfigError(f"auto: {s!r} is not a starting point; starts are 'model' or {STARTS[1:]}")
+        for s in self.learned:
+            if s not in LEARNED:
+                raise ConfigError(f"auto: learned stages are {LEARNED}, got {s!r}")
+        for k in ("trial_steps", "holdout"):
+            v = getattr(self, k)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"auto: {k} must be a positive integer, got {v!r}")
+        if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
+            raise ConfigError(f"auto: margin must be in [0, 1), got {self.margin!r}")
+        if self.mode not in ("train", "eval"):
+            raise ConfigError(f"auto: mode must be 'train' or 'eval', got {self.mode!r}")
+
+
+def learned_stage(name: str, steps: int, step: TrainStep) -> Method:
+    """The learned method ``auto`` runs, with the settings it runs it at."""
+    if name == "gradinit":
+        cls = get_method("gradinit")
+        base = cls.Config(lr=3.9 / max(steps, 1), steps=steps)  # T*tau of the paper's CIFAR runs
+        if step.scale_invariant:  # the paper's Adam (Transformer) bound
+            base = replace(base, target="adam", gamma=1000.0, max_gain_scale=100.0)
+        return cls(base)
+    cls = get_method(name)  # NIO: half the iterations, two sub-batches, T*tau of the released 100 x 3e-3
+    half = max(steps // 2, 1)
+    return cls(cls.Config(steps=half, lr=0.3 / half, num_splits=2))
+
+
+@register
+class Auto(Method):
+    """Chooses a start and at most one learned stage by trial runs of the real optimizer."""
+
+    name = "auto"
+    Config = AutoConfig
+    summary = "tries starts and learned stages with short real training runs; keeps the best"
+    uses_optimizer = True
+
+    def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
+        cfg = self.config
+        space = problem.space
+        if steps == 0:
+            info = {"choice": "model", "reason": "steps=0: nothing tried", "candidates": []}
+            return Outcome(alpha=space.ones(), info=info)
+        t_start = time.perf_counter()
+        assumed = problem.step is None
+        step = TrainStep.from_spec(DEFAULT_OPTIMIZER, space) if assumed else problem.step
+        problem = Problem(
+            problem.model, space, problem.evaluator, problem.batches, problem.generator, problem.seed, step
+        )
+        holdout = [problem.next_batch() for _ in range(cfg.holdout)]
+        train = [problem.next_batch() for _ in range(cfg.trial_steps)]
+        overlap = problem.batches.single
+        candidates: list[dict[str, Any]] = []
+        alphas: dict[str, torch.Tensor] = {}
+        history: list[dict[str, Any]] = []
+        step_seconds: list[float] = []
+
+        def trial(name: str, kind: str, alpha: torch.Tensor | None, error: str | None, t0: float) -> None:
+            rec: dict[str, Any] = {"name": name, "stage": kind}
+            if alpha is None:
+                rec.update(error=error, holdout_after=math.inf, diverged=False)
+            else:
+                r = trial_run(problem.evaluator, step, space.leaves(alpha), train, holdout)
+                step_seconds.append(r["step_seconds"])
+                alphas[name] = alpha
+                rec.update({k: r[k] for k in ("holdout_before", "holdout_after", "diverged")})
+            rec["seconds"] = time.perf_counter() - t0
+            candidates.append(rec)
+            history.append({"step": len(history), **rec})
+            progress.update(candidate=name, loss=f"{rec['holdout_after']:.4g}")
+
+        for name in cfg.starts:
+            t0 = time.perf_counter()
+            if name == "model":
+                trial(name, "start", space.ones(), None, t0)
+                continue
+            alpha, error = self._run(get_method(name)(), problem)
+            trial(name, "start", alpha, error, t0)
+        ok = [c for c in candidates if c["stage"] == "start" and "error" not in c and not c["diverged"]]
+        if not ok:
+            raise InitOptError(
+                "auto: every start failed or diverged in its trial run: "
+                + "; ".join(f"{c['name']}: {c.get('error', 'diverged')}" for c in candidates)
+                + " (lower the learning rate of the optimizer, or check the model and data)"
+            )
+        best = min(ok, key=lambda c: c["holdout_after"])
+        base = alphas[best["name"]]
+        chosen, reason = best, (
+            f"{best['name']} reached the lowest held-out loss after {cfg.trial_steps} trial steps "
+            f"({best['holdout_after']:.4g}; "
+            + ", ".join(f"{c['name']} {c['holdout_after']:.4g}" for c in candidates if c is not best)
+            + ")"
+        )
+        sub = problem.rebased(base)
+        learned = []
+        for name in cfg.learned:
+            t0 = time.perf_counter()
+            beta, error = self._run(learned_stage(name, steps, step), sub)
+            label = f"{best['name']}+{name}"
+            trial(label, "learned", None if beta is None else base * beta, error, t0)
+            learned.append(candidates[-1])
+        good = [c for c in learned if "error" not in c and not c["diverged"]]
+        threshold = (1 - cfg.margin) * best["holdout_after"]
+        if good:
+            top = min(good, key=lambda c: c["holdout_after"])
+            if top["holdout_after"] < threshold:
+                chosen = top
+                reason += (
+                    f"; {top['name']} lowered it to {top['holdout_after']:.4g}, below the "
+                    f"{cfg.margin:.0%} margin ({threshold:.4g})"
+                )
+            else:
+                reason += (
+                    f"; no learned stage beat it by the {cfg.margin:.0%} margin (best: "
+                    f"{top['name']} {top['holdout_after']:.4g} vs {threshold:.4g} needed)"
+                )
+        alpha = alphas[chosen["name"]]
+        seconds = time.perf_counter() - t_start
+        per_step = sorted(step_seconds)[len(step_seconds) // 2]
+        info = {
+            "choice": chosen["name"],
+            "reason": reason,
+            "optimizer": {**step.describe(), "assumed": assumed},
+            "trial": {"steps": cfg.trial_steps, "holdout_batches": cfg.holdout, "holdout_is_train": overlap},
+            "candidates": candidates,
+            "cost_train_steps": seconds / per_step if per_step > 0 else math.nan,
+        }
+        model_rec = next((c for c in candidates if c["name"] == "model" and "error" not in c), None)
+        before = {} if model_rec is None else {"trial_holdout_loss": model_rec["holdout_after"]}
+        after = {"trial_holdout_loss": chosen["holdout_after"]}
+        return Outcome(alpha=alpha, history=history, before=before, after=after, info=info)
+
+    @staticmethod
+    def _run(method: Method, problem: Problem) -> tuple[torch.Tensor | None, str | None]:
+        """Run ``method``'s search at its default steps; ``(alpha, None)`` or ``(None, error)``."""
+        try:
+            with search_mode(problem.model, method.mode):
+                out = method.search(problem, method.config.steps, Progress(0, method.name, enabled=False))
+        except InitOptError as e:
+            return None, f"{type(e).__name__}: {e}"
+        alpha = out.alpha.detach()
+        if not bool(torch.isfinite(alpha).all()):
+            return None, "non-finite scales"
+        return alpha, None
