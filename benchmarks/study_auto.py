@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         verdicts.append(j)
         k = [r["final_test_acc"] for r in rs if (r["start"], r["init"]) == ("kaiming", "default")]
-        gi_rows.append([name, "%.3f ± %.3f" % stat(k), fmt(j["pairs"][0]), j["verdict"]])
+        gi_rows.append([name, "{:.3f} ± {:.3f}".format(*stat(k)), fmt(j["pairs"][0]), j["verdict"]])
     notes = [
         "Training: SGD, momentum 0.9, lr 0.01, 200 steps of batch 64 on the deep tasks; Adam lr 5e-3, "
         "beta2 0.999, no warmup, 200 steps of batch 32 on the Transformer. auto gets the training optimizer.",

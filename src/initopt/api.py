@@ -201,8 +201,7 @@ def _warn_unused_optimizer(optimizer: OptimizerSpec, stages: list[Method]) -> No
     if optimizer is not None and not any(s.uses_optimizer for s in stages):
         names = ", ".join(s.name for s in stages)
         warnings.warn(
-            f"optimizer= is not used by {names}: only methods that model a training step use it "
-            "(gradinit, auto)",
+            f"optimizer= is not used by {names}: only methods that model a training step use it (gradinit, auto)",
             UserWarning,
             stacklevel=3,
         )

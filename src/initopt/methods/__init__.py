@@ -10,10 +10,10 @@ from initopt.methods.metainit import MetaInit, MetaInitConfig
 from initopt.methods.nio import NIO, NIOConfig
 
 __all__ = [
-    "Auto",
-    "AutoConfig",
     "LSUV",
     "NIO",
+    "Auto",
+    "AutoConfig",
     "GradInit",
     "GradInitConfig",
     "HessianInit",

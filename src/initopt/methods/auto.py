@@ -165,11 +165,14 @@ class Auto(Method):
             )
         best = min(ok, key=lambda c: c["holdout_after"])
         base = alphas[best["name"]]
-        chosen, reason = best, (
-            f"{best['name']} reached the lowest held-out loss after {cfg.trial_steps} trial steps "
-            f"({best['holdout_after']:.4g}; "
-            + ", ".join(f"{c['name']} {c['holdout_after']:.4g}" for c in candidates if c is not best)
-            + ")"
+        chosen, reason = (
+            best,
+            (
+                f"{best['name']} reached the lowest held-out loss after {cfg.trial_steps} trial steps "
+                f"({best['holdout_after']:.4g}; "
+                + ", ".join(f"{c['name']} {c['holdout_after']:.4g}" for c in candidates if c is not best)
+                + ")"
+            ),
         )
         sub = problem.rebased(base)
         learned = []

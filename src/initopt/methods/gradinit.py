@@ -20,12 +20,12 @@ not flow through :math:`g`, so it costs one more forward and backward and no
 double-backward graph is built. Scales are updated by :class:`~initopt.core.RescaleAdam`.
 
 With the training optimizer given (``initialize_(..., optimizer=...)``), the look-ahead is
-its real first step instead of :math:`\eta A[g]`: :math:`\theta - \Delta(g)` with the
-optimizer's learning rate, momentum, weight decay or Adam's :math:`g/(|g|+\epsilon)`
+its real first step instead of :math:`\\eta A[g]`: :math:`\\theta - \\Delta(g)` with the
+optimizer's learning rate, momentum, weight decay or Adam's :math:`g/(|g|+\\epsilon)`
 (:meth:`~initopt.core.step.TrainStep.first_step`), and the bound is on
-:math:`\|g\|_1` when that step ignores the gradient's scale (Adam-like), on
-:math:`\|g\|_2` otherwise. ``eta`` then only divides the objective, and ``target`` and
-``normalize`` are not used. The paper's :math:`\eta` is a fixed step length (0.1 after
+:math:`\\|g\\|_1` when that step ignores the gradient's scale (Adam-like), on
+:math:`\\|g\\|_2` otherwise. ``eta`` then only divides the objective, and ``target`` and
+``normalize`` are not used. The paper's :math:`\\eta` is a fixed step length (0.1 after
 normalization), usually far longer than a real first step at lr 0.01.
 """
 
