@@ -224,6 +224,7 @@ def test_demo_small_version(tmp_path, capsys):
             "demo",
             "--seeds",
             "0",
+            "1",
             "--train-steps",
             "5",
             "--init-steps",
@@ -236,11 +237,14 @@ def test_demo_small_version(tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "method hessian:" in out and "method gradinit:" in out and "lookahead_loss" in out
-    for init in ("default", "kaiming", "hessian", "gradinit", "hessian+gradinit", "hessian+nio"):
+    assert "method auto:" in out and "choice:" in out and "training steps" in out
+    for init in ("default", "kaiming", "lsuv", "hessian", "gradinit", "nio", "auto"):
         assert f"| {init} |" in out
+    assert "auto vs default:" in out and "auto vs kaiming:" in out
     assert "starting point decides" in out
-    assert json.loads((tmp_path / "compare.json").read_text())["summary"]
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["summary"] and [v["b"] for v in saved["config"]["verdicts"]] == ["default", "kaiming"]
+    assert saved["config"]["pass_optimizer"] is True
 
 
 REPORT_SCHEMA = {

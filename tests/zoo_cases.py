@@ -53,6 +53,7 @@ METHOD_CASES: list[tuple[str, dict[str, Any], int]] = [
     ("metainit", {"source": "batches"}, 3),
     ("lsuv", {"max_iters": 3}, 2),
     ("kaiming", {"fan": "out"}, 1),
+    ("auto", {"trial_steps": 2, "holdout": 1}, 2),
 ]
 
 

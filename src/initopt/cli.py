@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import initopt
+from initopt.core.step import parse_optimizer
 from initopt.errors import ConfigError, InitOptError
 
 __all__ = ["TASKS", "build_parser", "load_model", "load_task", "main"]
@@ -299,6 +300,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         steps=args.steps,
         seed=args.seed,
         progress=False if args.quiet else None,
+        optimizer=parse_optimizer(args.optimizer) if args.optimizer else None,
         **_method_config(args),
     )
     if not args.quiet:
@@ -339,7 +341,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         init_steps=args.init_steps,
         progress=False if args.quiet else None,
         log=None if args.quiet else print,
+        pass_optimizer=not args.no_init_optimizer,
     )
+    _report_compare(args, report)
+    return 0
+
+
+def _report_compare(args: argparse.Namespace, report: Any) -> None:
+    """Print the table; write compare.json, curves.csv and the plot to ``--out-dir``."""
     report.config.update(data=args.data, model=args.model or TASKS[args.data]["model"])
     print(report.to_markdown())
     out = Path(args.out_dir)
@@ -348,7 +357,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _say(args, f"curves:  {out / 'curves.csv'}")
     if not args.no_plot:
         _say(args, f"plot:    {report.plot(str(out / 'curves.png'))}")
-    return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -365,62 +373,84 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_INITS = [
-    "default",
-    "kaiming",
-    "lsuv",
-    "hessian",
-    "gradinit",
-    "nio",
-    "metainit:steps=50",
-    "hessian+gradinit",
-    "hessian+nio",
-]
-DEMO_PIPELINE = ["hessian", "gradinit"]
+DEMO_INITS = ["default", "kaiming", "lsuv", "hessian", "gradinit", "nio", "metainit:steps=50", "auto"]
 RECOMMENDATION = """What the claims studies found (README, docs/which-init.md):
-  - The starting point decides whether a deep plain network trains. On the 16-layer networks
-    of the studies, PyTorch's default init (about 0.41x the He scale) loses the signal, and
-    GradInit, MetaInit and NIO at their papers' settings leave the network at chance; on this
-    10-layer MLP the signal survives and GradInit still finds its way, NIO does not.
-  - Start a plain CNN or MLP from a variance-preserving init: LSUV ("lsuv"), the Hessian-norm
-    rule ("hessian", He init for ReLU) or Kaiming ("kaiming"). LSUV was best on the SiLU CNN.
-  - A learned stage on a good start (["hessian", "gradinit"], ["hessian", "nio"]) stayed within
-    the seed spread of the start alone; MetaInit at its paper's settings (noise inputs) shrank
-    every layer and hurt. For a post-LN Transformer without warmup use GradInit's Transformer
-    recipe, not the Hessian rule or LSUV."""
+  - Use "auto" and give it your training optimizer:
+      initopt.initialize_(model, data, "auto", optimizer=opt)
+    It tries the model's own init, Kaiming, LSUV and the Hessian rule with a short real training
+    run each, keeps the best, tries GradInit and NIO on top and keeps one only if it trains
+    clearly better; result.info says what it measured and why it chose.
+  - The starting point decides whether a deep plain network trains: from PyTorch's default init
+    GradInit and NIO at their papers' settings stay at chance on 16-layer nets, from Kaiming or
+    the Hessian rule they train. MetaInit at its paper's settings (noise inputs) shrank every
+    layer and hurt; do not apply the Hessian rule or LSUV to a post-LN Transformer."""
+
+
+def demo_verdicts(report: Any, headline: str = "auto") -> list[str]:
+    """One line per baseline: ``headline`` minus it, paired by seed, and the verdict."""
+    lines = []
+    for base in ("default", "kaiming"):
+        p = report.paired(headline, base)
+        if p["n"]:
+            lines.append(
+                f"  {headline} vs {base}: {100 * p['mean']:+.1f} ± {100 * p['se']:.1f} points of final test accuracy "
+                f"(mean ± standard error over {p['n']} seeds; {headline} ahead on {p['wins']}): {p['verdict']}"
+            )
+    return lines
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The recommended pipeline on a deep plain MLP, then ``compare`` of every method (about a minute)."""
+    """``auto`` on a deep plain MLP, then ``compare`` of it and every method (about two minutes)."""
+    from initopt.compare import compare, make_optimizer, parse_init
     from initopt.data import loader
 
     if args.threads:
         torch.set_num_threads(args.threads)
     inits = [i for i in DEMO_INITS if all(p.split(":")[0] in ("default", *initopt.methods()) for p in i.split("+"))]
-    make, train, _ = _data_and_model(args)
+    make, train, test = _data_and_model(args)
     print(
         f"initopt demo: model {args.model or TASKS[args.data]['model']} (PyTorch default init) on "
         f"{TASKS[args.data]['help']}; {torch.get_num_threads()} thread(s).\n\n"
-        f"1. The pipeline {' -> '.join(DEMO_PIPELINE)}: what each stage changed\n"
+        f"1. auto, given the training optimizer (SGD, lr {args.lr}, momentum 0.9): what it tried and chose\n"
     )
     torch.manual_seed(args.seed)
+    model = make()
+    opt, _ = make_optimizer(model, args.optimizer, args.lr)
     res = initopt.initialize_(
-        make(),
+        model,
         loader(train, args.batch_size, seed=args.seed),
-        [(m, {"steps": args.init_steps}) if args.init_steps is not None else m for m in DEMO_PIPELINE],
+        "auto",
+        steps=args.init_steps,
         seed=args.seed,
         progress=False if args.quiet else None,
+        optimizer=None if args.no_init_optimizer else opt,
     )
-    for stage in res.stages:
-        print(stage.summary() + "\n")
+    print(res.summary() + "\n")
     print(
-        f"2. Training by SGD (momentum 0.9) from {len(inits)} initializations, {len(args.seeds)} seeds each "
+        f"2. Training by {args.optimizer.upper()} from {len(inits)} initializations, {len(args.seeds)} seeds each "
         f"({args.train_steps} steps, lr {args.lr})\n"
     )
-    args.inits = inits
-    rc = cmd_compare(args)
+    report = compare(
+        make,
+        train,
+        test,
+        [parse_init(s) for s in inits],
+        seeds=args.seeds,
+        steps=args.train_steps,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        init_steps=args.init_steps,
+        progress=False if args.quiet else None,
+        log=None if args.quiet else print,
+        pass_optimizer=not args.no_init_optimizer,
+    )
+    report.config["verdicts"] = [report.paired("auto", b) for b in ("default", "kaiming")]
+    _report_compare(args, report)
+    print("\nVERDICT (paired by seed; 'tie' = within two standard errors):")
+    print("\n".join(demo_verdicts(report)))
     print("\n" + RECOMMENDATION)
-    return rc
+    return 0
 
 
 def _common(p: argparse.ArgumentParser, *, batch: int = 64) -> None:
@@ -443,6 +473,12 @@ def _compare_flags(p: argparse.ArgumentParser, *, steps: int, seeds: list[int], 
     p.add_argument("--lr", type=float, default=lr, help=f"training learning rate (default {lr})")
     p.add_argument("--out-dir", default=out)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--no-init-optimizer",
+        action="store_true",
+        help="do not give the training optimizer to the inits that model a training step (gradinit then "
+        "uses the paper's eta; auto assumes SGD lr 0.01, momentum 0.9)",
+    )
 
 
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
@@ -467,6 +503,14 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="initopt-out")
     s.add_argument("--weights", default="weights.pt", help="file name: .pt (state_dict) or .safetensors")
     s.add_argument("--plot", action="store_true", help="also write scales.png and history.png")
+    s.add_argument(
+        "--optimizer",
+        default=None,
+        metavar="SPEC",
+        help="the training optimizer, for methods that model a training step (gradinit, auto): "
+        "'sgd:lr=0.01,momentum=0.9', 'adamw:lr=1e-3,betas=[0.9,0.98]' (default: none; auto then "
+        "assumes SGD lr 0.01, momentum 0.9)",
+    )
     if method is not None:
         _add_config_flags(s, method)
     s.set_defaults(func=cmd_init)
@@ -482,7 +526,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     _compare_flags(s, steps=200, seeds=[0, 1, 2], out="initopt-compare")
     s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("demo", help="compare on digits with a deep plain MLP (about a minute on 2 cores)")
+    s = sub.add_parser("demo", help="auto against every init of a deep plain MLP on digits (about two minutes)")
     _common(s)
     _compare_flags(s, steps=150, seeds=[0, 1, 2], out="initopt-demo", lr=0.01)
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")

@@ -116,6 +116,21 @@ class CompareReport:
             out.append(row)
         return out
 
+    def paired(self, a: str, b: str, key: str = "final_test_acc") -> dict[str, Any]:
+        """``a`` minus ``b`` in ``key``, paired by seed: mean, standard error, seeds ``a`` won, n,
+        and a verdict: ``"better"``/``"worse"`` when the mean clears 0 by two standard errors,
+        else ``"tie"``."""
+        va = {r["seed"]: r[key] for r in self.runs if r["init"] == a and r.get(key) is not None}
+        vb = {r["seed"]: r[key] for r in self.runs if r["init"] == b and r.get(key) is not None}
+        d = [va[s] - vb[s] for s in sorted(va.keys() & vb.keys())]
+        if not d:
+            return {"a": a, "b": b, "n": 0, "mean": math.nan, "se": math.nan, "wins": 0, "verdict": "n/a"}
+        mean = statistics.fmean(d)
+        se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+        verdict = "better" if mean - 2 * se > 0 else "worse" if mean + 2 * se < 0 else "tie"
+        wins = sum(x > 0 for x in d)
+        return {"a": a, "b": b, "n": len(d), "mean": mean, "se": se, "wins": wins, "verdict": verdict}
+
     def to_markdown(self) -> str:
         cols = [
             ("epoch1_test_loss", "test loss, epoch 1", 3),

@@ -77,6 +77,15 @@ class InitResult:
             width = max(len(n) for n in self.scales)
             lines.append("  scales:")
             lines += [f"    {n:<{width}}  {s:8.4f}" for n, s in self.scales.items()]
+        if "choice" in self.info:
+            lines.append(f"  choice: {self.info['choice']}: {self.info.get('reason', '')}")
+            for c in self.info.get("candidates", []):
+                what = c.get("error") or (
+                    "diverged" if c.get("diverged") else f"held-out loss {c.get('holdout_after', math.nan):.4g}"
+                )
+                lines.append(f"    {c['stage']:<8} {c['name']:<24} {what}")
+            if "cost_train_steps" in self.info:
+                lines.append(f"  cost: {self.info['cost_train_steps']:.0f} training steps")
         if self.unscalable:
             lines.append(f"  unscalable (norm 0, left at 0): {', '.join(self.unscalable)}")
         return "\n".join(lines)

@@ -34,11 +34,54 @@ from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.errors import ConfigError, LossError
 
-__all__ = ["OptimizerSpec", "TrainStep", "trial_run"]
+__all__ = ["OptimizerSpec", "TrainStep", "parse_optimizer", "trial_run"]
 
 OptimizerSpec = Any  # torch.optim.Optimizer | type[Optimizer] | tuple[type[Optimizer], dict] | None
 
 _NEEDS_CLOSURE = ("LBFGS",)
+
+
+def parse_optimizer(text: str) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """``"sgd:lr=0.01,momentum=0.9"`` or ``"adamw:lr=1e-3,betas=[0.9,0.98]"`` -> (class, settings).
+
+    The name is a ``torch.optim`` class, case-insensitive; values are JSON (else strings).
+    """
+    import json
+
+    name, _, rest = text.partition(":")
+    classes = {
+        k.lower(): v
+        for k, v in vars(torch.optim).items()
+        if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer
+    }
+    if name.lower() not in classes:
+        raise ConfigError(f"unknown optimizer {name!r}; one of {', '.join(sorted(classes))}")
+    settings: dict[str, Any] = {}
+    for item in filter(None, _split_top(rest)):
+        if "=" not in item:
+            raise ConfigError(f"optimizer {text!r}: expected key=value after ':', got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            settings[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            settings[k.strip()] = v
+        if isinstance(settings[k.strip()], list):
+            settings[k.strip()] = tuple(settings[k.strip()])
+    return classes[name.lower()], settings
+
+
+def _split_top(text: str) -> list[str]:
+    """Split at commas outside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
 
 
 def _plain(v: Any) -> Any:
