@@ -52,8 +52,9 @@ def test_candidate_measures_equal_training_by_hand_and_the_best_start_wins():
     kaiming = copy.deepcopy(model)
     initopt.initialize_(kaiming, data, "kaiming")
     assert cands["kaiming"]["holdout_after"] == pytest.approx(_hand_trial(kaiming, data, cfg), rel=1e-9)
-    best = min(cands.values(), key=lambda c: c["holdout_after"])
-    assert res.info["choice"] == best["name"]
+    lowest = min(c["holdout_after"] for c in cands.values())
+    first_within = next(n for n in ("model", "kaiming") if 0.98 * cands[n]["holdout_after"] <= lowest)
+    assert res.info["choice"] == first_within  # the first start within the 2 % margin of the lowest
 
 
 def test_the_returned_model_is_the_chosen_candidate():
@@ -87,7 +88,7 @@ def test_a_deep_plain_net_from_pytorch_default_gets_a_better_start():
     res = initopt.initialize_(model, data, "auto", trial_steps=8, steps=4, learned=("gradinit",))
     cands = {c["name"]: c for c in res.info["candidates"]}
     assert res.info["choice"] != "model"
-    assert cands[res.info["choice"]]["holdout_after"] < cands["model"]["holdout_after"] - 0.05
+    assert 0.98 * cands["model"]["holdout_after"] > cands[res.info["choice"]]["holdout_after"]
 
 
 def test_the_training_optimizer_is_used_and_recorded():
@@ -134,6 +135,7 @@ def test_a_failing_start_is_recorded_and_skipped():
     [
         ({"starts": ()}, "at least one start"),
         ({"starts": ("gradinit",)}, "not a starting point"),
+        ({"starts": ("model", "model")}, "must not repeat"),
         ({"starts": ("nope",)}, "unknown method 'nope'"),
         ({"learned": ("metainit",)}, "learned stages are"),
         ({"trial_steps": 0}, "trial_steps must be a positive integer"),
