@@ -34,7 +34,7 @@ from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.errors import ConfigError, LossError
 
-__all__ = ["OptimizerSpec", "TrainStep", "parse_optimizer", "trial_run"]
+__all__ = ["OptimizerSpec", "TrainStep", "Trial", "parse_optimizer", "trial_run"]
 
 OptimizerSpec = Any  # torch.optim.Optimizer | type[Optimizer] | tuple[type[Optimizer], dict] | None
 
@@ -201,6 +201,68 @@ def _holdout_loss(ev: Evaluator, tensors: list[torch.Tensor], holdout: Sequence[
     return float(losses.mean())
 
 
+class Trial:
+    """Copies of a model's tensors trained by the training optimizer, measured on held-out batches.
+
+    ``before`` is the mean held-out loss before any step; :meth:`advance` trains on more batches
+    (its optimizer state carries over) and updates ``after``. A non-finite training loss stops
+    the run: ``diverged`` is set and ``after`` is ``inf``. The model is never changed.
+    """
+
+    def __init__(
+        self, ev: Evaluator, step: TrainStep, tensors: Sequence[torch.Tensor], holdout: Sequence[Batch]
+    ) -> None:
+        self.ev, self.holdout = ev, list(holdout)
+        self.params = [t.detach().clone().requires_grad_(True) for t in tensors]
+        self.before = _holdout_loss(ev, self.params, self.holdout)
+        if not math.isfinite(self.before):
+            raise LossError(f"the held-out loss is {self.before} before any training step")
+        self.after = self.before
+        self.opt = step.optimizer(self.params)
+        self.train_loss: list[float] = []
+        self.seconds: list[float] = []
+        self.diverged = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.train_loss)
+
+    def advance(self, batches: Sequence[Batch]) -> float:
+        """Train on ``batches``, one optimizer step each; returns the held-out loss after."""
+        if self.diverged:
+            return self.after
+        for b in batches:
+            t0 = time.perf_counter()
+            loss = self.ev.loss(self.params, b)
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
+            self.opt.step()
+            self.seconds.append(time.perf_counter() - t0)
+            v = float(loss.detach())
+            self.train_loss.append(v)
+            if not math.isfinite(v):
+                self.diverged, self.after = True, math.inf
+                return self.after
+        self.after = _holdout_loss(self.ev, self.params, self.holdout)
+        if not math.isfinite(self.after):
+            self.diverged, self.after = True, math.inf
+        return self.after
+
+    def record(self) -> dict[str, Any]:
+        """``holdout_before``, ``holdout_after``, ``train_loss``, ``diverged``, ``steps`` and
+        ``step_seconds`` (median wall time of one step)."""
+        s = sorted(self.seconds)
+        return {
+            "holdout_before": self.before,
+            "holdout_after": self.after,
+            "train_loss": list(self.train_loss),
+            "diverged": self.diverged,
+            "steps": self.steps,
+            "step_seconds": s[len(s) // 2] if s else math.nan,
+        }
+
+
 def trial_run(
     ev: Evaluator,
     step: TrainStep,
@@ -208,42 +270,13 @@ def trial_run(
     train: Sequence[Batch],
     holdout: Sequence[Batch],
 ) -> dict[str, Any]:
-    """Train copies of ``tensors`` with the optimizer for ``len(train)`` steps.
+    """Train copies of ``tensors`` with the optimizer for ``len(train)`` steps (a :class:`Trial`).
 
     Returns ``holdout_before`` and ``holdout_after`` (mean loss on the held-out batches),
     ``train_loss`` (the loss of each step), ``diverged`` (a non-finite loss stopped the run;
-    ``holdout_after`` is then ``inf``) and ``step_seconds`` (median wall time of one step).
-    The model and ``tensors`` are not changed.
+    ``holdout_after`` is then ``inf``), ``steps`` and ``step_seconds`` (median wall time of
+    one step). The model and ``tensors`` are not changed.
     """
-    params = [t.detach().clone().requires_grad_(True) for t in tensors]
-    before = _holdout_loss(ev, params, holdout)
-    if not math.isfinite(before):
-        raise LossError(f"the held-out loss is {before} before any training step")
-    opt = step.optimizer(params)
-    losses: list[float] = []
-    seconds: list[float] = []
-    diverged = False
-    for b in train:
-        t0 = time.perf_counter()
-        loss = ev.loss(params, b)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        opt.step()
-        seconds.append(time.perf_counter() - t0)
-        v = float(loss.detach())
-        losses.append(v)
-        if not math.isfinite(v):
-            diverged = True
-            break
-    after = math.inf if diverged else _holdout_loss(ev, params, holdout)
-    if not math.isfinite(after):
-        diverged, after = True, math.inf
-    seconds.sort()
-    return {
-        "holdout_before": before,
-        "holdout_after": after,
-        "train_loss": losses,
-        "diverged": diverged,
-        "step_seconds": seconds[len(seconds) // 2] if seconds else math.nan,
-    }
+    t = Trial(ev, step, tensors, holdout)
+    t.advance(train)
+    return t.record()

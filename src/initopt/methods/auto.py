@@ -37,7 +37,7 @@ import torch
 
 from initopt.core.functional import search_mode
 from initopt.core.progress import Progress
-from initopt.core.step import TrainStep, trial_run
+from initopt.core.step import TrainStep, Trial
 from initopt.errors import ConfigError, InitOptError
 from initopt.methods.base import Method, Outcome, Problem, get_method, register
 
@@ -55,10 +55,13 @@ class AutoConfig:
     Attributes:
         starts: starting points tried (``"model"`` and scale-only methods).
         learned: learned methods tried on the best start (at most one is kept).
-        trial_steps: real optimizer steps of each trial run.
+        trial_steps: real optimizer steps of each trial run, and the length by which the
+            start trials are extended while unresolved.
+        max_trial_steps: the longest the start trials are extended to.
+        min_progress: the start trials are resolved once the best one's held-out loss is this
+            fraction below the lowest held-out loss any start had before training.
         holdout: batches held out of the trial runs to measure their loss on.
-        margin: relative held-out loss improvement a later start or a learned stage must
-            show to replace an earlier choice.
+        margin: relative held-out loss improvement a learned stage must show to be kept.
         steps: iterations of each learned stage (``0``: a no-op, scales of 1).
         mode: ``"train"`` (BatchNorm on batch statistics, dropout off) or ``"eval"``.
     """
@@ -66,6 +69,8 @@ class AutoConfig:
     starts: tuple[str, ...] = STARTS
     learned: tuple[str, ...] = LEARNED
     trial_steps: int = 25
+    max_trial_steps: int = 100
+    min_progress: float = 0.05
     holdout: int = 2
     margin: float = 0.02
     steps: int = 100
@@ -86,12 +91,14 @@ class AutoConfig:
         for s in self.learned:
             if s not in LEARNED:
                 raise ConfigError(f"auto: learned stages are {LEARNED}, got {s!r}")
-        for k in ("trial_steps", "holdout"):
+        for k in ("trial_steps", "max_trial_steps", "holdout"):
             v = getattr(self, k)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ConfigError(f"auto: {k} must be a positive integer, got {v!r}")
-        if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
-            raise ConfigError(f"auto: margin must be in [0, 1), got {self.margin!r}")
+        for k in ("margin", "min_progress"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ConfigError(f"auto: {k} must be in [0, 1), got {v!r}")
         if self.mode not in ("train", "eval"):
             raise ConfigError(f"auto: mode must be 'train' or 'eval', got {self.mode!r}")
 
@@ -102,8 +109,9 @@ def learned_stage(name: str, steps: int, step: TrainStep) -> tuple[Method, bool]
     GradInit: :math:`T\\tau` of the paper's CIFAR runs (390 × 0.01). With an Adam-like
     optimizer, its real first step as the look-ahead and the paper's Adam bound (γ = 1000,
     gains ≤ 100); with SGD-like ones, the paper's normalized step η = 0.1, because the real
-    SGD step was worse on every SGD task of ``benchmarks/study_auto.py``. NIO: half the
-    iterations, two sub-batches, :math:`T\\tau` of the released 100 × 3e-3.
+    SGD step was worse on every SGD task of ``benchmarks/study_auto.py``. NIO: a quarter of the
+    iterations (for cost: one NIO iteration costs several GradInit ones on small models), two
+    sub-batches, :math:`T\\tau` of the released 100 × 3e-3.
     """
     cls = get_method(name)
     if name == "gradinit":
@@ -111,8 +119,13 @@ def learned_stage(name: str, steps: int, step: TrainStep) -> tuple[Method, bool]
         if step.scale_invariant:
             return cls(replace(base, target="adam", gamma=1000.0, max_gain_scale=100.0)), True
         return cls(base), False
-    half = max(steps // 2, 1)
-    return cls(cls.Config(steps=half, lr=0.3 / half, num_splits=2)), False
+    quarter = max(steps // 4, 1)
+    return cls(cls.Config(steps=quarter, lr=0.3 / quarter, num_splits=2)), False
+
+
+def _measures(trial: Trial) -> dict[str, Any]:
+    r = trial.record()
+    return {k: r[k] for k in ("holdout_before", "holdout_after", "diverged", "steps")}
 
 
 @register
@@ -141,44 +154,79 @@ class Auto(Method):
         overlap = problem.batches.single
         candidates: list[dict[str, Any]] = []
         alphas: dict[str, torch.Tensor] = {}
-        history: list[dict[str, Any]] = []
-        step_seconds: list[float] = []
+        trials: dict[str, Trial] = {}
 
-        def trial(name: str, kind: str, alpha: torch.Tensor | None, error: str | None, t0: float) -> None:
+        def add(name: str, kind: str, alpha: torch.Tensor | None, error: str | None, t0: float) -> dict[str, Any]:
             rec: dict[str, Any] = {"name": name, "stage": kind}
-            if alpha is None:
-                rec.update(error=error, holdout_after=math.inf, diverged=False)
-            else:
-                r = trial_run(problem.evaluator, step, space.leaves(alpha), train, holdout)
-                step_seconds.append(r["step_seconds"])
-                alphas[name] = alpha
-                rec.update({k: r[k] for k in ("holdout_before", "holdout_after", "diverged")})
+            if alpha is not None:
+                try:
+                    trials[name] = Trial(problem.evaluator, step, space.leaves(alpha), holdout)
+                    trials[name].advance(train)
+                    alphas[name] = alpha
+                except InitOptError as e:
+                    error = f"{type(e).__name__}: {e}"
+            if error is not None:
+                rec["error"] = error
             rec["seconds"] = time.perf_counter() - t0
             candidates.append(rec)
-            history.append({"step": len(history), **rec})
-            progress.update(candidate=name, loss=f"{rec['holdout_after']:.4g}")
+            progress.update(candidate=name)
+            return rec
 
         for name in cfg.starts:
             t0 = time.perf_counter()
             if name == "model":
-                trial(name, "start", space.ones(), None, t0)
+                add(name, "start", space.ones(), None, t0)
                 continue
             alpha, error = self._run(get_method(name)(), problem)
-            trial(name, "start", alpha, error, t0)
-        ok = [c for c in candidates if c["stage"] == "start" and "error" not in c and not c["diverged"]]
+            add(name, "start", alpha, error, t0)
+
+        def live_starts() -> list[dict[str, Any]]:
+            return [c for c in candidates if c["name"] in trials and not trials[c["name"]].diverged]
+
+        def unresolved() -> bool:
+            """No start has yet lowered its held-out loss by ``min_progress`` below the lowest
+            loss any start began at (a network that learned nothing stays near that level)."""
+            live = [trials[c["name"]] for c in live_starts()]
+            if not live:
+                return False
+            ref = min(t.before for t in live)
+            return min(t.after for t in live) > (1 - cfg.min_progress) * ref
+
+        while unresolved():
+            more = min(cfg.trial_steps, cfg.max_trial_steps - len(train))
+            if more <= 0:
+                break
+            batch = [problem.next_batch() for _ in range(more)]
+            train += batch
+            for c in live_starts():
+                t0 = time.perf_counter()
+                trials[c["name"]].advance(batch)
+                c["seconds"] += time.perf_counter() - t0
+        for c in candidates:
+            if c["name"] in trials:
+                c.update(_measures(trials[c["name"]]))
+        ok = live_starts()
         if not ok:
             raise InitOptError(
                 "auto: every start failed or diverged in its trial run: "
                 + "; ".join(f"{c['name']}: {c.get('error', 'diverged')}" for c in candidates)
                 + " (lower the learning rate of the optimizer, or check the model and data)"
             )
-        lowest = min(c["holdout_after"] for c in ok)
-        best = next(c for c in ok if (1 - cfg.margin) * c["holdout_after"] <= lowest)
+        best = min(ok, key=lambda c: c["holdout_after"])
         base = alphas[best["name"]]
-        others = ", ".join(f"{c['name']} {c['holdout_after']:.4g}" for c in candidates if c is not best)
-        chosen, reason = best, (
-            f"{best['name']} is the first start within the {cfg.margin:.0%} margin of the lowest held-out "
-            f"loss after {cfg.trial_steps} trial steps ({best['holdout_after']:.4g}; {others})"
+        others = ", ".join(
+            f"{c['name']} failed" if "error" in c else f"{c['name']} {c['holdout_after']:.4g}"
+            for c in candidates
+            if c is not best
+        )
+        resolved = not unresolved()
+        chosen, reason = (
+            best,
+            (
+                f"{best['name']} reached the lowest held-out loss after {len(train)} trial steps "
+                f"({best['holdout_after']:.4g}; {others})"
+                + ("" if resolved else f"; no start lowered its held-out loss by {cfg.min_progress:.0%} in that time")
+            ),
         )
         sub = problem.rebased(base)
         learned = []
@@ -187,8 +235,10 @@ class Auto(Method):
             method, real_step = learned_stage(name, steps, step)
             beta, error = self._run(method, sub if real_step else dataclasses.replace(sub, step=None))
             label = f"{best['name']}+{name}"
-            trial(label, "learned", None if beta is None else base * beta, error, t0)
-            learned.append(candidates[-1])
+            rec = add(label, "learned", None if beta is None else base * beta, error, t0)
+            if label in trials:
+                rec.update(_measures(trials[label]))
+            learned.append(rec)
         good = [c for c in learned if "error" not in c and not c["diverged"]]
         threshold = (1 - cfg.margin) * best["holdout_after"]
         if good:
@@ -206,16 +256,23 @@ class Auto(Method):
                 )
         alpha = alphas[chosen["name"]]
         seconds = time.perf_counter() - t_start
-        per_step = sorted(step_seconds)[len(step_seconds) // 2]
+        history = [{"step": i, **c} for i, c in enumerate(candidates)]
+        step_seconds = sorted(x for t in trials.values() for x in t.seconds)
+        per_step = step_seconds[len(step_seconds) // 2] if step_seconds else math.nan
         info = {
             "choice": chosen["name"],
             "reason": reason,
             "optimizer": {**step.describe(), "assumed": assumed},
-            "trial": {"steps": cfg.trial_steps, "holdout_batches": cfg.holdout, "holdout_is_train": overlap},
+            "trial": {
+                "steps": len(train),
+                "resolved": resolved,
+                "holdout_batches": cfg.holdout,
+                "holdout_is_train": overlap,
+            },
             "candidates": candidates,
             "cost_train_steps": seconds / per_step if per_step > 0 else math.nan,
         }
-        model_rec = next((c for c in candidates if c["name"] == "model" and "error" not in c), None)
+        model_rec = next((c for c in candidates if c["name"] == "model" and "holdout_after" in c), None)
         before = {} if model_rec is None else {"trial_holdout_loss": model_rec["holdout_after"]}
         after = {"trial_holdout_loss": chosen["holdout_after"]}
         return Outcome(alpha=alpha, history=history, before=before, after=after, info=info)
