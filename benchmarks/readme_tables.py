@@ -157,6 +157,19 @@ def demo() -> str:
             + " | ".join(cells)
             + f" | {row['diverged']}/{row['seeds']} | {fin2[0]:.3f} ± {fin2[1]:.3f} | {max(diffs):.3f} |"
         )
+    verdicts = {t: x["config"].get("verdicts", []) for t, x in ((1, d), (2, d2))}
+    if verdicts[1]:
+        lines += [
+            "",
+            "The demo's verdict (final test accuracy, paired by seed; 'tie' = within two standard errors):",
+            "",
+        ]
+        for v1, v2 in zip(verdicts[1], verdicts[2], strict=True):
+            lines.append(
+                f"- {v1['a']} vs {v1['b']}: 1 thread {100 * v1['mean']:+.1f} ± {100 * v1['se']:.1f} points "
+                f"({v1['wins']}/{v1['n']} seeds) → **{v1['verdict']}**; 2 threads {100 * v2['mean']:+.1f} ± "
+                f"{100 * v2['se']:.1f} ({v2['wins']}/{v2['n']}) → **{v2['verdict']}**"
+            )
     return "\n".join(lines)
 
 
@@ -200,6 +213,7 @@ STUDIES = {
     "predictors": ("study_predictors.py", "GradCosine predicts trainability (NIO's theory)"),
     "start": ("study_start.py", "Starting point and pipelines"),
     "gradinit": ("study_gradinit.py", "Why GradInit from Kaiming can lose (ablations)"),
+    "auto": ("study_auto.py", 'method="auto" and GradInit with the training optimizer'),
 }
 
 
@@ -216,8 +230,9 @@ def _md_table(columns: list[str], rows: list[list[object]]) -> list[str]:
 
 
 def _counts(verdicts: list[dict]) -> str:
-    n = {k: sum(v["verdict"] == k for v in verdicts) for k in ("supported", "not supported", "inconclusive")}
-    return f"{n['supported']} supported, {n['not supported']} not supported, {n['inconclusive']} inconclusive"
+    kinds = ("supported", "not supported", "inconclusive", "met", "not met")
+    n = {k: sum(v["verdict"] == k for v in verdicts) for k in kinds}
+    return ", ".join(f"{n[k]} {k}" for k in kinds if n[k] or k in kinds[:3])
 
 
 def claims() -> str:
@@ -250,6 +265,8 @@ def study(key: str, verdicts: bool = False) -> Callable[[], str]:
             return "\n".join(lines)
         t = d["table"]
         lines = [f"{t['title']}. {head}", "", *_md_table(t["columns"], t["rows"]), ""]
+        for extra in (k for k in d if k.endswith("_table")):
+            lines += [f"{d[extra]['title']}:", "", *_md_table(d[extra]["columns"], d[extra]["rows"]), ""]
         lines += [f"- {n}" for n in d.get("notes", [])]
         lines.append(
             f"- Verdicts: {_counts(d['verdicts'])} (each with its evidence in [docs/studies.md](docs/studies.md))."

@@ -78,6 +78,17 @@ def transformer_task(quick: bool) -> dict[str, Any]:
     }
 
 
+def choice_note(runs: list[dict[str, Any]], task: str) -> str:
+    """How often auto made the same choice at 1 and 2 threads on ``task``."""
+    by = {(r["threads"], r["seed"]): r.get("init_choice") for r in runs if r["task"] == task and r["init"] == "auto"}
+    seeds = sorted({s for t, s in by if t == 1} & {s for t, s in by if t == 2})
+    same = [s for s in seeds if by[(1, s)] == by[(2, s)]]
+    diff = ", ".join(f"seed {s}: {by[(1, s)]} / {by[(2, s)]}" for s in seeds if s not in same)
+    return f"auto's choice on {task} was the same at 1 and 2 threads on {len(same)} of {len(seeds)} seeds" + (
+        f" ({diff})." if diff else "."
+    )
+
+
 def target_row(rs: list[dict[str, Any]], name: str) -> tuple[list[str], dict[str, Any]]:
     """Table row and verdict of the target for one task."""
     base = baseline_of(rs)
@@ -177,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         "Targets: paired by seed, the mean of auto minus the better baseline must be >= +2 points on the deep "
         "plain nets and >= -1 point elsewhere, at every thread count measured.",
         thread_note(runs, HEADLINE),
-        f"Wall time of this invocation: {seconds:.0f} s; computation in the runs (inits + training, summed): "
-        f"{compute_seconds(runs):.0f} s.",
+        choice_note(runs, HEADLINE),
+        f"Computation in the runs (inits + training, summed): {compute_seconds(runs):.0f} s "
+        f"(this invocation: {seconds:.0f} s; runs found in the cache are read back).",
     ]
     costs = {}
     for name in names:

@@ -244,7 +244,7 @@ def test_demo_small_version(tmp_path, capsys):
     assert "starting point decides" in out
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["summary"] and [v["b"] for v in saved["config"]["verdicts"]] == ["default", "kaiming"]
-    assert saved["config"]["pass_optimizer"] is True
+    assert saved["config"]["pass_optimizer"] == ["auto"]
 
 
 REPORT_SCHEMA = {

@@ -341,7 +341,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         init_steps=args.init_steps,
         progress=False if args.quiet else None,
         log=None if args.quiet else print,
-        pass_optimizer=not args.no_init_optimizer,
+        pass_optimizer=INIT_OPTIMIZER[args.init_optimizer],
     )
     _report_compare(args, report)
     return 0
@@ -423,7 +423,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         steps=args.init_steps,
         seed=args.seed,
         progress=False if args.quiet else None,
-        optimizer=None if args.no_init_optimizer else opt,
+        optimizer=None if args.init_optimizer == "none" else opt,
     )
     print(res.summary() + "\n")
     print(
@@ -443,7 +443,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         init_steps=args.init_steps,
         progress=False if args.quiet else None,
         log=None if args.quiet else print,
-        pass_optimizer=not args.no_init_optimizer,
+        pass_optimizer=INIT_OPTIMIZER[args.init_optimizer],
     )
     report.config["verdicts"] = [report.paired("auto", b) for b in ("default", "kaiming")]
     _report_compare(args, report)
@@ -465,6 +465,9 @@ def _common(p: argparse.ArgumentParser, *, batch: int = 64) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the final summary")
 
 
+INIT_OPTIMIZER: dict[str, bool | list[str]] = {"auto": ["auto"], "all": True, "none": False}
+
+
 def _compare_flags(p: argparse.ArgumentParser, *, steps: int, seeds: list[int], out: str, lr: float = 0.05) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--train-steps", type=int, default=steps, help="SGD/Adam steps per run")
@@ -474,10 +477,12 @@ def _compare_flags(p: argparse.ArgumentParser, *, steps: int, seeds: list[int], 
     p.add_argument("--out-dir", default=out)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
-        "--no-init-optimizer",
-        action="store_true",
-        help="do not give the training optimizer to the inits that model a training step (gradinit then "
-        "uses the paper's eta; auto assumes SGD lr 0.01, momentum 0.9)",
+        "--init-optimizer",
+        choices=list(INIT_OPTIMIZER),
+        default="auto",
+        help="which inits get the training optimizer: 'auto' (default: only method auto), 'all' (also "
+        "gradinit, whose look-ahead then takes the real first step instead of the paper's eta), 'none' "
+        "(auto then assumes SGD lr 0.01, momentum 0.9)",
     )
 
 

@@ -183,7 +183,7 @@ def compare(
     log: Callable[[str], None] | None = None,
     warmup_steps: int = 0,
     betas: tuple[float, float] = (0.9, 0.999),
-    pass_optimizer: bool = False,
+    pass_optimizer: bool | Sequence[str] = False,
 ) -> CompareReport:
     """Train ``make_model()`` from each initialization in ``inits`` for every seed.
 
@@ -199,9 +199,10 @@ def compare(
             ``lr * min(1, (t + 1) / warmup_steps)``; ``0`` (default): constant ``lr``.
         betas: Adam's ``(beta1, beta2)`` (``optimizer="adam"`` only; SGD ignores them).
         pass_optimizer: give the run's training optimizer (fresh, with its warmup applied)
-            as ``optimizer=`` to the inits that model a training step (GradInit, ``auto``);
-            ``False``: they use their own settings (GradInit's paper :math:`\\eta`; ``auto``
-            then assumes SGD with lr 0.01 and momentum 0.9).
+            as ``optimizer=`` to the inits that model a training step: ``True`` to all of
+            them (GradInit's look-ahead then takes its real first step), a list of method
+            names (e.g. ``["auto"]``) to those only, ``False`` to none (GradInit uses the
+            paper's :math:`\\eta`; ``auto`` assumes SGD with lr 0.01 and momentum 0.9).
     """
     if optimizer not in ("sgd", "adam"):
         raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -226,7 +227,7 @@ def compare(
             "init_steps": init_steps,
             "warmup_steps": warmup_steps,
             "betas": list(betas),
-            "pass_optimizer": pass_optimizer,
+            "pass_optimizer": pass_optimizer if isinstance(pass_optimizer, bool) else list(pass_optimizer),
             "steps_per_epoch": epoch,
             "torch": torch.__version__,
         }
@@ -241,7 +242,7 @@ def compare(
                 choice = None
                 if spec != "default":
                     train_opt = None
-                    if pass_optimizer and models_a_step(spec):
+                    if pass_optimizer and models_a_step(spec, None if pass_optimizer is True else pass_optimizer):
                         train_opt, _ = make_optimizer(
                             model, optimizer, lr, momentum, warmup_steps=warmup_steps, betas=betas
                         )
@@ -285,15 +286,18 @@ def compare(
     return report
 
 
-def models_a_step(spec: Any) -> bool:
-    """Whether an init spec has a stage that models a training step (takes ``optimizer=``)."""
+def models_a_step(spec: Any, names: Sequence[str] | None = None) -> bool:
+    """Whether an init spec has a stage that models a training step (takes ``optimizer=``),
+    among the methods ``names`` when given."""
     if isinstance(spec, Method):
-        return spec.uses_optimizer
+        return spec.uses_optimizer and (names is None or spec.name in names)
     if isinstance(spec, str):
-        return get_method(spec).uses_optimizer
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
-        return get_method(spec[0]).uses_optimizer
-    return any(models_a_step(s) for s in spec)
+        name = spec
+    elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+        name = spec[0]
+    else:
+        return any(models_a_step(s, names) for s in spec)
+    return get_method(name).uses_optimizer and (names is None or name in names)
 
 
 def make_optimizer(

@@ -73,10 +73,6 @@ class InitResult:
         for k in sorted(set(self.before) | set(self.after)):
             b, a = self.before.get(k, math.nan), self.after.get(k, math.nan)
             lines.append(f"  {k:<24} before {b:>12.5g}   after {a:>12.5g}")
-        if self.scales:
-            width = max(len(n) for n in self.scales)
-            lines.append("  scales:")
-            lines += [f"    {n:<{width}}  {s:8.4f}" for n, s in self.scales.items()]
         if "choice" in self.info:
             lines.append(f"  choice: {self.info['choice']}: {self.info.get('reason', '')}")
             for c in self.info.get("candidates", []):
@@ -86,6 +82,10 @@ class InitResult:
                 lines.append(f"    {c['stage']:<8} {c['name']:<24} {what}")
             if "cost_train_steps" in self.info:
                 lines.append(f"  cost: {self.info['cost_train_steps']:.0f} training steps")
+        if self.scales:
+            width = max(len(n) for n in self.scales)
+            lines.append("  scales:")
+            lines += [f"    {n:<{width}}  {s:8.4f}" for n, s in self.scales.items()]
         if self.unscalable:
             lines.append(f"  unscalable (norm 0, left at 0): {', '.join(self.unscalable)}")
         return "\n".join(lines)

@@ -191,3 +191,36 @@ def test_every_start_diverging_is_an_error_and_leaves_the_model():
             optimizer=(torch.optim.SGD, {"lr": 1e3}),
         )
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_compare_gives_the_training_optimizer_to_the_named_inits_only(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from initopt import compare as cmp
+
+    seen = {}
+    real = cmp.initialize_
+
+    def spy(model, data, spec, **kw):
+        seen[spec if isinstance(spec, str) else spec[0]] = kw.get("optimizer")
+        return real(model, data, spec, **kw)
+
+    monkeypatch.setattr(cmp, "initialize_", spy)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    ds = TensorDataset(x, y)
+    rep = cmp.compare(
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)),
+        ds,
+        ds,
+        [("gradinit", ("gradinit", {"steps": 1})), ("auto", ("auto", SMALL))],
+        seeds=[0],
+        steps=2,
+        batch_size=16,
+        lr=0.01,
+        pass_optimizer=["auto"],
+    )
+    assert seen["gradinit"] is None and isinstance(seen["auto"], torch.optim.SGD)
+    assert next(r for r in rep.runs if r["init"] == "auto")["init_choice"]
+    assert cmp.models_a_step(["hessian", "gradinit"]) and not cmp.models_a_step("hessian")
+    assert not cmp.models_a_step(("gradinit", {}), ["auto"])
