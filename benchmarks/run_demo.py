@@ -1,10 +1,10 @@
 """Run ``initopt demo`` at 1 and at 2 threads and keep both results.
 
-Claim: the demo's verdict (PyTorch's default init does not train the 10-layer plain MLP;
-Kaiming, LSUV, the Hessian rule and the pipelines built on it do; the learned methods from the
-default init do not) is the same at 1 and at 2 threads. The README's demo table is rendered from
-``results/demo/threads1`` with the final accuracy at 2 threads and the largest per-seed
-difference beside it (``python benchmarks/readme_tables.py``).
+Claim: the demo's verdicts (``auto`` against PyTorch's default init and against Kaiming, paired
+by seed: better / worse / tie at two standard errors) are the same at 1 and at 2 threads. The
+README's demo table is rendered from ``results/demo/threads1`` with the final accuracy at 2
+threads, the largest per-seed difference and both threads' verdicts beside it
+(``python benchmarks/readme_tables.py``).
 
     python benchmarks/run_demo.py
 """

@@ -314,3 +314,19 @@ def test_cifar10_compare_command_on_a_stand_in(tmp_path):
         "default", "kaiming", "hessian", "kaiming+gradinit:steps=2", "hessian+gradinit:steps=2"
     ]  # fmt: skip
     assert all(r["seeds"] == 2 for r in d["summary"])
+
+
+def test_init_auto_with_the_training_optimizer(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["init", "--method", "auto", *TINY, "--steps", "2", "--trial-steps", "2", "--starts", '["model","kaiming"]']
+    rc = main([*argv, "--optimizer", "adamw:lr=1e-3,betas=[0.9,0.98]", "--out-dir", str(out)])
+    assert rc == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["info"]["optimizer"]["optimizer"] == "AdamW" and res["info"]["optimizer"]["groups"][0]["betas"] == [
+        0.9,
+        0.98,
+    ]
+    assert res["info"]["choice"] in {c["name"] for c in res["info"]["candidates"]}
+    capsys.readouterr()
+    assert main([*argv, "--optimizer", "adamm", "--out-dir", str(out)]) == 2
+    assert "unknown optimizer 'adamm'" in capsys.readouterr().err
