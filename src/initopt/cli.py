@@ -319,7 +319,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train from several initializations over several seeds; table, curves and plot."""
-    from initopt.compare import compare, parse_init
+    from initopt.compare import parse_init
 
     make, train, test = _data_and_model(args)
     inits = [parse_init(s) for s in args.inits]
@@ -328,7 +328,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
             name = part if isinstance(part, str) else part[0]
             if name != "default":
                 initopt.get_method(name)
-    report = compare(
+    report = _run_compare(args, make, train, test, inits)
+    _report_compare(args, report)
+    return 0
+
+
+def _run_compare(args: argparse.Namespace, make: Callable[[], nn.Module], train: Any, test: Any, inits: list) -> Any:
+    """:func:`initopt.compare.compare` with the training settings of the command line."""
+    from initopt.compare import compare
+
+    return compare(
         make,
         train,
         test,
@@ -343,8 +352,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         log=None if args.quiet else print,
         pass_optimizer=INIT_OPTIMIZER[args.init_optimizer],
     )
-    _report_compare(args, report)
-    return 0
 
 
 def _report_compare(args: argparse.Namespace, report: Any) -> None:
@@ -401,7 +408,7 @@ def demo_verdicts(report: Any, headline: str = "auto") -> list[str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``auto`` on a deep plain MLP, then ``compare`` of it and every method (about two minutes)."""
-    from initopt.compare import compare, make_optimizer, parse_init
+    from initopt.compare import make_optimizer, parse_init
     from initopt.data import loader
 
     if args.threads:
@@ -430,21 +437,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"2. Training by {args.optimizer.upper()} from {len(inits)} initializations, {len(args.seeds)} seeds each "
         f"({args.train_steps} steps, lr {args.lr})\n"
     )
-    report = compare(
-        make,
-        train,
-        test,
-        [parse_init(s) for s in inits],
-        seeds=args.seeds,
-        steps=args.train_steps,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        init_steps=args.init_steps,
-        progress=False if args.quiet else None,
-        log=None if args.quiet else print,
-        pass_optimizer=INIT_OPTIMIZER[args.init_optimizer],
-    )
+    report = _run_compare(args, make, train, test, [parse_init(s) for s in inits])
     report.config["verdicts"] = [report.paired("auto", b) for b in ("default", "kaiming")]
     _report_compare(args, report)
     print("\nVERDICT (paired by seed; 'tie' = within two standard errors):")
