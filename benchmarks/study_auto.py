@@ -16,7 +16,7 @@ training optimizer (``compare(pass_optimizer=True)``) and runs at its defaults. 
 run at 1 and 2 threads. Baseline runs are shared with the other studies through the run
 cache. Writes ``results/study_auto.json`` and ``results/study_auto.png``.
 
-    python benchmarks/study_auto.py           # default size: about 25 minutes on one idle core
+    python benchmarks/study_auto.py           # default size: about 22 minutes of computation on one core
     python benchmarks/study_auto.py --quick   # tiny, seconds (what CI runs)
 """
 
