@@ -74,7 +74,7 @@ def run_method(
         _validate(evaluator, batches.first)
         generator = torch.Generator(device=space.device).manual_seed(seed)
         problem = Problem(model, space, evaluator, batches, generator, seed, step)
-        with Progress(steps, desc=method.name, enabled=progress) as bar:
+        with Progress(method.progress_total(steps), desc=method.name, enabled=progress) as bar:
             outcome = method.search(problem, steps, bar)
     seconds = time.perf_counter() - t0
     scales = space.to_scales(outcome.alpha)

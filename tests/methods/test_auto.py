@@ -224,3 +224,15 @@ def test_compare_gives_the_training_optimizer_to_the_named_inits_only(monkeypatc
     assert next(r for r in rep.runs if r["init"] == "auto")["init_choice"]
     assert cmp.models_a_step(["hessian", "gradinit"]) and not cmp.models_a_step("hessian")
     assert not cmp.models_a_step(("gradinit", {}), ["auto"])
+
+
+def test_progress_bar_counts_candidates(monkeypatch):
+    from initopt.core import progress as prog
+
+    ticks = []
+    monkeypatch.setattr(
+        prog.Progress, "update", lambda self, **kw: ticks.append(kw["candidate"]) if "candidate" in kw else None
+    )
+    initopt.initialize_(_net(), _data(), "auto", progress=True, **SMALL)
+    assert ticks[:4] == ["model", "kaiming", "lsuv", "hessian"] and len(ticks) == 6
+    assert initopt.get_method("auto")().progress_total(100) == 6 and initopt.get_method("auto")().progress_total(0) == 0

@@ -137,6 +137,10 @@ class Auto(Method):
     summary = "tries starts and learned stages with short real training runs; keeps the best"
     uses_optimizer = True
 
+    def progress_total(self, steps: int) -> int:
+        """One tick per candidate trialled."""
+        return 0 if steps == 0 else len(self.config.starts) + len(self.config.learned)
+
     def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
         cfg = self.config
         space = problem.space

@@ -131,6 +131,10 @@ class Method(ABC):
             max_gain_scale=getattr(self.config, "max_gain_scale", None),
         )
 
+    def progress_total(self, steps: int) -> int:
+        """Length of the progress bar of a search of ``steps`` iterations."""
+        return steps
+
     @abstractmethod
     def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
         """Find the scales. Must not write into ``problem.model``."""
