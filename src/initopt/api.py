@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -77,6 +78,7 @@ def run_method(
         with Progress(method.progress_total(steps), desc=method.name, enabled=progress) as bar:
             outcome = method.search(problem, steps, bar)
     seconds = time.perf_counter() - t0
+    _check_outcome(method.name, outcome)
     scales = space.to_scales(outcome.alpha)
     apply_scales_(model, scales)
     config = method.config
@@ -93,6 +95,22 @@ def run_method(
         after=outcome.after,
         info=outcome.info,
     )
+
+
+def _check_outcome(name: str, outcome: Any) -> None:
+    """Non-finite scales or measures are an error, wherever they came from; nothing is applied."""
+    if not bool(torch.isfinite(outcome.alpha).all()):
+        raise LossError(
+            f"{name}: the search produced non-finite scales (a loss or gradient turned NaN/Inf during it); "
+            "the model was left as it was"
+        )
+    for when, measures in (("before", outcome.before), ("after", outcome.after)):
+        bad = {k: v for k, v in measures.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            raise LossError(
+                f"{name}: its measures {when} the search are not finite ({bad}): a loss or gradient turned "
+                "NaN/Inf; the model was left as it was"
+            )
 
 
 def _as_stage(spec: Any, config: dict[str, Any]) -> tuple[Method, int | None]:

@@ -18,6 +18,7 @@ Batches come in three forms:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "BatchSource",
     "Task",
     "batch_size",
+    "check_finite",
     "class_last",
     "concat_batches",
     "is_single_batch",
@@ -292,3 +294,18 @@ def check_loss(loss: Any, where: str) -> torch.Tensor:
     if not loss.is_floating_point():
         raise LossError(f"the loss on {where} has dtype {loss.dtype}; expected floating point")
     return loss
+
+
+def check_finite(what: str, *values: Any) -> None:
+    """Raise :class:`LossError` naming ``what`` unless every value (floats or tensors) is finite."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            ok = bool(torch.isfinite(v).all())
+        else:
+            ok = v is None or math.isfinite(float(v))
+        if not ok:
+            shown = v if not isinstance(v, torch.Tensor) or v.numel() <= 4 else "a tensor with non-finite entries"
+            raise LossError(
+                f"{what} is not finite ({shown}): a gradient or curvature product turned NaN/Inf "
+                "(check the data, the loss and the model for NaN/Inf)"
+            )

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from initopt.core.batches import Batch, Task, check_loss
 from initopt.core.blocks import ScaleSpace
+from initopt.errors import LossError
 
 __all__ = ["Evaluator", "evaluation", "search_mode"]
 
@@ -140,9 +141,21 @@ class Evaluator:
         return torch.func.functional_call(self._caller, state, (batch,), strict=False)
 
     def loss(self, tensors: list[torch.Tensor], batch: Batch, where: str = "a batch") -> torch.Tensor:
-        """Scalar loss with the blocks' tensors replaced by ``tensors``."""
+        """Scalar loss with the blocks' tensors replaced by ``tensors``.
+
+        Raises :class:`~initopt.LossError` when it is not a finite scalar: every search and
+        diagnostic stops there, and :func:`initopt.initialize_` leaves the model as it was.
+        (Under ``torch.func`` transforms such as ``vmap`` the value cannot be read; the
+        callers there check what they compute from it.)
+        """
         out = self.output(tensors, batch)
-        return check_loss(self.task.loss(out, batch), where)
+        loss = check_loss(self.task.loss(out, batch), where)
+        if not torch._C._are_functorch_transforms_active() and not bool(torch.isfinite(loss.detach())):
+            raise LossError(
+                f"the loss on {where} is {float(loss.detach())}: non-finite (NaN/Inf in the data, the "
+                "model's output or the loss; or the scales reached a region where the loss overflows)"
+            )
+        return loss
 
     def loss_fn(self, batch: Batch) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         """``tensors -> loss`` on a fixed batch."""

@@ -196,8 +196,12 @@ class TrainStep:
 
 
 def _holdout_loss(ev: Evaluator, tensors: list[torch.Tensor], holdout: Sequence[Batch]) -> float:
-    with torch.no_grad():
-        losses = torch.stack([ev.loss(tensors, b, where="a held-out batch").detach().double() for b in holdout])
+    """Mean held-out loss; ``inf`` when it is not finite."""
+    try:
+        with torch.no_grad():
+            losses = torch.stack([ev.loss(tensors, b, where="a held-out batch").detach().double() for b in holdout])
+    except LossError:
+        return math.inf
     return float(losses.mean())
 
 
@@ -233,7 +237,12 @@ class Trial:
             return self.after
         for b in batches:
             t0 = time.perf_counter()
-            loss = self.ev.loss(self.params, b)
+            try:
+                loss = self.ev.loss(self.params, b)
+            except LossError:
+                self.train_loss.append(math.inf)
+                self.diverged, self.after = True, math.inf
+                return self.after
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = g

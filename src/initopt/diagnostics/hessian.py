@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from initopt.core.batches import Batch, is_single_batch, move_batch
+from initopt.core.batches import Batch, check_finite, is_single_batch, move_batch
 from initopt.core.curvature import (
     HessianOperator,
     SpectralDensity,
@@ -121,6 +121,7 @@ def hessian_eigenvalues(
     with evaluation(model, loss_fn=loss_fn, forward_fn=forward_fn, params=params, mode=mode) as ev:
         op = _operator(ev, batches, curvature, method)
         vals = top_eigenvalues(op, k, iters=iters, tol=tol, generator=_generator(ev, seed))
+    check_finite("the Hessian eigenvalue estimate", vals)
     return [float(v) for v in vals.tolist()]
 
 
@@ -195,6 +196,7 @@ def _trace_frob(
         est = hutchinson if estimator == "hutchinson" else hutchpp
         tr, fro2 = est(op, probes, generator=_generator(ev, seed))
     t, f = torch.stack([tr, fro2]).double().tolist()
+    check_finite("the Hessian trace / Frobenius estimate", t, f)
     return t, f
 
 
@@ -222,7 +224,9 @@ def hessian_spectral_density(
     batches = _as_batches(batch, num_batches)
     with evaluation(model, loss_fn=loss_fn, forward_fn=forward_fn, params=params, mode=mode) as ev:
         op = _operator(ev, batches, curvature, method)
-        return slq(op, probes=probes, iters=iters, generator=_generator(ev, seed))
+        density = slq(op, probes=probes, iters=iters, generator=_generator(ev, seed))
+    check_finite("the Hessian spectral density", density.nodes, density.weights)
+    return density
 
 
 # ---- tracking -----------------------------------------------------------------------------
@@ -369,6 +373,7 @@ class HessianTracker:
                 counts.append(op.products)
             root.release()
         flat = torch.stack(values).tolist()
+        check_finite("HessianTracker: a layer's Hessian norm", *(flat[0::2] + (flat[1::2] if self.probes else [])))
         seconds = time.perf_counter() - t0
         new = []
         for j, label in enumerate(per):

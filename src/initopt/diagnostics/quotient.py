@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from initopt.core.batches import Batch, is_single_batch, move_batch
+from initopt.core.batches import Batch, check_finite, is_single_batch, move_batch
 from initopt.core.functional import evaluation
 from initopt.core.quotient import gradient_terms, quotient_sums
 from initopt.errors import ConfigError, DataError
@@ -107,6 +107,7 @@ def gradient_quotient(
         n = sum(t.numel() for t in theta)
         sizes = torch.tensor([t.numel() for t in theta], dtype=sums.dtype, device=sums.device)
         values = torch.cat([(sums.sum() / n).reshape(1), loss.detach().to(sums.dtype).reshape(1), sums / sizes])
+        check_finite("the gradient quotient", values)
         values = values.double().tolist()
         names = ev.space.names
     return GradientQuotient(

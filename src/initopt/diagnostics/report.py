@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from initopt.core.batches import BatchSource, batch_size
+from initopt.core.batches import BatchSource, batch_size, check_finite
 from initopt.core.functional import evaluation
 
 __all__ = ["Report", "diagnose"]
@@ -170,6 +170,7 @@ def diagnose(
             for h in handles:
                 h.remove()
         grads = torch.autograd.grad(loss, theta, allow_unused=True)
+        check_finite("a gradient on the diagnostic batch", *(g for g in grads if g is not None))
         gnorm = {}
         for b, g in zip(ev.space.blocks, grads, strict=True):
             gnorm[b.name] = 0.0 if g is None else float(g.detach().double().norm()) ** 2

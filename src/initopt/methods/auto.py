@@ -277,7 +277,8 @@ class Auto(Method):
             "cost_train_steps": seconds / per_step if per_step > 0 else math.nan,
         }
         model_rec = next((c for c in candidates if c["name"] == "model" and "holdout_after" in c), None)
-        before = {} if model_rec is None else {"trial_holdout_loss": model_rec["holdout_after"]}
+        finite = model_rec is not None and math.isfinite(model_rec["holdout_after"])
+        before = {"trial_holdout_loss": model_rec["holdout_after"]} if finite else {}
         after = {"trial_holdout_loss": chosen["holdout_after"]}
         return Outcome(alpha=alpha, history=history, before=before, after=after, info=info)
 
