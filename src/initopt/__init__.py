@@ -38,6 +38,7 @@ from initopt.methods import (
     register,
 )
 from initopt.result import InitResult
+from initopt.saved import load_scales, save_scales
 
 __version__ = "0.1.0"
 
@@ -75,6 +76,8 @@ __all__ = [
     "hessian_spectral_density",
     "hessian_trace",
     "initialize_",
+    "load_scales",
     "methods",
     "register",
+    "save_scales",
 ]

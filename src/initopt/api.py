@@ -94,6 +94,7 @@ def run_method(
         before=outcome.before,
         after=outcome.after,
         info=outcome.info,
+        seed=seed,
     )
 
 
@@ -212,6 +213,7 @@ def initialize_(
         before=results[0].before,
         after=results[-1].after,
         info={f"stage {i}": r.info for i, r in enumerate(results) if r.info},
+        seed=seed,
     )
 
 

@@ -35,6 +35,7 @@ class InitResult:
         stages: for a pipeline, one result per stage in order; empty otherwise.
         unscalable: trainable tensors of norm 0 that no scale can change.
         before, after: the method's own measures on a fixed batch before and after.
+        seed: the seed the method ran with.
         info: what else the method reports (``auto``: the candidates it tried, what each
             measured and why it chose; methods given ``optimizer=``: the step they modeled).
     """
@@ -49,6 +50,7 @@ class InitResult:
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become ``None``/``"inf"``)."""
@@ -64,6 +66,7 @@ class InitResult:
                 "before": self.before,
                 "after": self.after,
                 "info": self.info,
+                "seed": self.seed,
             }
         )
 

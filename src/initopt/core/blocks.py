@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,6 +114,11 @@ class ScaleSpace:
             p = tensors[key]
             if not p.is_floating_point():
                 raise ModelError(f"parameter {names[0]!r} has dtype {p.dtype}; expected floating point")
+            if p.device.type == "meta":
+                raise ModelError(
+                    f"parameter {names[0]!r} is on the meta device (shapes only, no values): materialize the "
+                    "model first (e.g. model.to_empty(device=...) and its own init)"
+                )
             with torch.no_grad():
                 norm = float(torch.linalg.vector_norm(p.detach().double()))
             if not math.isfinite(norm):
@@ -210,7 +216,7 @@ class ScaleSpace:
         return [b.name for b in self.blocks if not b.scalable]
 
 
-def apply_scales_(model: nn.Module, scales: dict[str, float]) -> nn.Module:
+def apply_scales_(model: nn.Module, scales: dict[str, Any]) -> nn.Module:
     """Fold per-tensor scales into a model in place: ``p.mul_(scales[name])``.
 
     The one function of initopt that writes into the user's model. ``Parameter`` objects
@@ -219,7 +225,9 @@ def apply_scales_(model: nn.Module, scales: dict[str, float]) -> nn.Module:
 
     Args:
         model: the network to change.
-        scales: ``{parameter name: scale}``; any name that reaches the tensor may be used.
+        scales: ``{parameter name: scale}``; any name that reaches the tensor may be used. Or
+            what :func:`initopt.load_scales` returned: then the recorded shapes are checked too,
+            so scales saved from another architecture are refused.
 
     Returns:
         The model.
@@ -230,6 +238,15 @@ def apply_scales_(model: nn.Module, scales: dict[str, float]) -> nn.Module:
         True
     """
     by_name = dict(model.named_parameters(remove_duplicate=False))
+    if isinstance(scales.get("scales"), dict):  # a loaded scales file
+        shapes = scales.get("shapes") or {}
+        scales = scales["scales"]
+        for name, shape in shapes.items():
+            if name in by_name and list(by_name[name].shape) != list(shape):
+                raise ModelError(
+                    f"apply_scales_: {name!r} has shape {list(by_name[name].shape)} in the model but {list(shape)} "
+                    "in the scales file: the scales come from another model"
+                )
     todo: dict[int, tuple[torch.Tensor, float, str]] = {}
     for name, s in scales.items():
         if name not in by_name:
