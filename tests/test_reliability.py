@@ -269,6 +269,8 @@ def test_R14_unknown_names_list_the_valid_ones():
         ("hessian", {"mode": "magic"}),
         ("auto", {"trial_steps": 0}),
         ("gradinit", {"mode": "test"}),
+        ("gradinit", {"min_scale": 2.0}),
+        ("nio", {"max_gain_scale": 0.5}),
     ],
 )
 def test_R15_invalid_values(method, cfg):
@@ -392,3 +394,12 @@ def test_R23_bad_optimizer():
         (torch.optim.LBFGS, "closure"),
     ]:
         _fails_and_keeps(model, _data(), "gradinit", initopt.ConfigError, match, optimizer=spec)
+
+
+def test_R24_subbatches_the_model_cannot_take():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    batch = (torch.randn(2, 4), torch.tensor([0, 1]))
+    _fails_and_keeps(model, [batch, batch], "nio", initopt.DataError, "num_splits")
+    res = initopt.initialize_(model, [batch, batch], "auto", **{**SMALL["auto"], "learned": ("nio",)})
+    assert "num_splits" in res.info["candidates"][-1]["error"]

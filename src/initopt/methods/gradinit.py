@@ -90,10 +90,14 @@ class GradInitConfig:
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"gradinit: {k} must be a positive number, got {v!r}")
-        if not 0 < self.min_scale:
-            raise ConfigError(f"gradinit: min_scale must be > 0, got {self.min_scale!r}")
-        if self.max_gain_scale is not None and self.max_gain_scale < self.min_scale:
-            raise ConfigError("gradinit: max_gain_scale must be >= min_scale")
+        if not 0 < self.min_scale <= 1:
+            raise ConfigError(
+                f"gradinit: min_scale must be in (0, 1] (the search starts at scale 1), got {self.min_scale!r}"
+            )
+        if self.max_gain_scale is not None and self.max_gain_scale < 1:
+            raise ConfigError(
+                f"gradinit: max_gain_scale must be >= 1 (the search starts at scale 1), got {self.max_gain_scale!r}"
+            )
         if self.clip is not None and self.clip <= 0:
             raise ConfigError(f"gradinit: clip must be > 0 or None, got {self.clip!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

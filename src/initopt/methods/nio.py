@@ -41,7 +41,7 @@ from initopt.core.cosine import GramPlan, build_plan, cosine_from_gram, subbatch
 from initopt.core.functional import Evaluator
 from initopt.core.optim import RescaleAdam
 from initopt.core.progress import Progress
-from initopt.errors import ConfigError, DataError, LossError
+from initopt.errors import ConfigError, DataError, InitOptError, LossError
 from initopt.methods.base import Method, Outcome, Problem, register
 
 __all__ = ["NIO", "NIOConfig"]
@@ -98,10 +98,14 @@ class NIOConfig:
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"nio: {k} must be a number >= 0, got {v!r}")
-        if not 0 < self.min_scale:
-            raise ConfigError(f"nio: min_scale must be > 0, got {self.min_scale!r}")
-        if self.max_gain_scale is not None and self.max_gain_scale < self.min_scale:
-            raise ConfigError("nio: max_gain_scale must be >= min_scale")
+        if not 0 < self.min_scale <= 1:
+            raise ConfigError(
+                f"nio: min_scale must be in (0, 1] (the search starts at scale 1), got {self.min_scale!r}"
+            )
+        if self.max_gain_scale is not None and self.max_gain_scale < 1:
+            raise ConfigError(
+                f"nio: max_gain_scale must be >= 1 (the search starts at scale 1), got {self.max_gain_scale!r}"
+            )
         if self.clip is not None and self.clip <= 0:
             raise ConfigError(f"nio: clip must be > 0 or None, got {self.clip!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -128,6 +132,24 @@ class NIO(Method):
         if n < d or n < 2:
             raise DataError(f"nio: a batch of {n} examples cannot be split into {d} sub-batches (num_splits)")
         return split_batch(batch, d)
+
+    def check_subbatches(self, ev: Evaluator, tensors: list[torch.Tensor], batch: Batch) -> None:
+        """Raise :class:`~initopt.DataError` when the model takes the batch but not its sub-batches
+        (e.g. BatchNorm in training mode on one-example sub-batches)."""
+        part = self.parts(batch)[0]
+        try:
+            with torch.no_grad():
+                ev.loss(tensors, part, where="a sub-batch")
+        except InitOptError:
+            raise
+        except Exception as e:
+            with torch.no_grad():
+                ev.loss(tensors, batch, where="the first batch")  # the whole batch fails too: not ours to name
+            raise DataError(
+                f"nio: the model takes the batch of {batch_size(batch)} examples but not its sub-batches of "
+                f"{batch_size(part)} (num_splits={self.config.num_splits}): {type(e).__name__}: {e}; use fewer "
+                "num_splits or larger batches"
+            ) from e
 
     def objective(self, gc: torch.Tensor, gn: torch.Tensor, branch: str) -> torch.Tensor:
         """B-GN (constraint) or :math:`-\\text{B-GC} - \\mu\\,\\text{B-GN}` / :math:`-\\text{B-GC}`."""
@@ -171,7 +193,7 @@ class NIO(Method):
         opt = RescaleAdam(lo, hi, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, clip=cfg.clip)
         S = problem.next_batch()
         probe = S
-        self.parts(S)
+        self.check_subbatches(ev, space.leaves(alpha), S)
         plan = build_plan(ev, S, verify_scaling=True) if cfg.accelerate else GramPlan.plain(ev)
         before = self.measure(ev, alpha, probe, plan)
         history: list[dict[str, Any]] = []
