@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -88,11 +89,14 @@ def test_projected_and_plain_scale_gradients_agree_on_a_tied_model():
 # ---- one loop, written out by hand -------------------------------------------------------
 
 
-def _hand_written_metainit(model, x_shape, classes, steps, seed, lr=0.1, momentum=0.9, eps=1e-5, min_norm=1e-3):
+def _hand_written_metainit(
+    model, x_shape, classes, steps, seed, lr=0.1, momentum=0.9, eps=1e-5, min_norm=1e-3, anneal=0.0
+):
     """The paper's loop on a copy: in-place norm updates, literal GQ formula with grad of ||g||^2/2.
 
     Noise is drawn like initopt draws it: one probe batch first, then one batch per step,
-    inputs before labels, from one generator seeded with ``seed``.
+    inputs before labels, from one generator seeded with ``seed``. ``anneal > 0``: initopt's
+    deviation, the step decays linearly to 0 over the last ``anneal * steps`` steps.
     """
     net = copy.deepcopy(model).eval()
     params = list(net.parameters())
@@ -106,7 +110,8 @@ def _hand_written_metainit(model, x_shape, classes, steps, seed, lr=0.1, momentu
         return x, torch.randint(0, classes, (x_shape[0],), generator=gen)
 
     draw()  # the probe batch used for before/after
-    for _ in range(steps):
+    for t in range(steps):
+        lr_t = lr * min(1.0, (steps - t) / (anneal * steps)) if anneal > 0 else lr
         x, y = draw()
         loss = F.cross_entropy(net(x), y)
         g = torch.autograd.grad(loss, params, create_graph=True)
@@ -121,18 +126,20 @@ def _hand_written_metainit(model, x_shape, classes, steps, seed, lr=0.1, momentu
             for j, (p, dj) in enumerate(zip(weights, d, strict=True)):
                 norm = float(p.norm())
                 sign = math.copysign(1.0, float((p * dj).sum() / norm)) if float((p * dj).sum()) != 0 else 0.0
-                memory[j] = momentum * memory[j] - lr * sign
+                memory[j] = momentum * memory[j] - lr_t * sign
                 new = max(norm + memory[j], floors[j])
                 p.mul_(new / norm)
     return net
 
 
-def test_loop_equals_hand_written_paper_loop_on_noise():
+@pytest.mark.parametrize("anneal", [0.0, None], ids=["paper-constant-step", "default-anneal"])
+def test_loop_equals_hand_written_paper_loop_on_noise(anneal):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double()
     batch = (torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,)))
-    ref = _hand_written_metainit(model, (10, 6), 4, steps=12, seed=3)
-    res = initopt.initialize_(model, batch, "metainit", steps=12, seed=3)
+    kw = {} if anneal is None else {"anneal": anneal}
+    ref = _hand_written_metainit(model, (10, 6), 4, steps=12, seed=3, anneal=MetaInitConfig(**kw).anneal)
+    res = initopt.initialize_(model, batch, "metainit", steps=12, seed=3, **kw)
     assert len(res.history) == 12
     for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12, msg=n)
@@ -172,9 +179,12 @@ def _plain_cnn(depth: int = 8, width: int = 16) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * 16, 10))
 
 
-# Seeds 0-3 all pass; the scale error after 200 steps ranges 0.10-0.74 (MLP) and 0.54-0.91
-# (CNN; the bound is 2/3 log 4 = 0.92, closest at cnn-quarter-seed0). Both settle near half
-# the He norms (geometric mean of norm / He norm 0.40-0.58, one MLP run 1.11).
+# At the paper's 500 steps (with the default annealing of the step) the scale error ends at
+# 0.54-0.79 over seeds 0-9 of all four cases (bound 2/3 log 4 = 0.92), GQ on held-out noise
+# 0.41-0.80. MetaInit settles below the He norms (geometric mean 0.45-0.58 of them; GQ is
+# smallest there), so the bound is not loose: the method must get there on every CPU (see
+# test_recovery_does_not_depend_on_round_off). 200 steps are too few from 4x He: the CNN
+# wanders on a plateau at 1-2x He for 28 to 318 steps, depending on round-off.
 RECOVERY = [
     pytest.param("mlp", 0.25, 1, id="mlp-quarter"),
     pytest.param("mlp", 4.0, 1, id="mlp-four"),
@@ -189,28 +199,64 @@ RECOVERY = [
 ]
 
 
-@pytest.mark.parametrize("kind,factor,seed", RECOVERY)
-def test_recovers_from_badly_scaled_he_init(kind, factor, seed):
-    """Deep plain ReLU MLP / CNN with all weights at 1/4 or 4 times their He norms: MetaInit
-    (paper defaults, noise inputs) shrinks |mean log(norm / He norm)| by at least a third and
-    lowers GQ on held-out noise."""
+def _recovery(kind: str, factor: float, seed: int, perturb: float = 0.0) -> tuple[float, float, float, float, Any]:
+    """MetaInit at its defaults (the paper's 500 steps, lr, momentum and noise inputs; the step
+    annealed at the end) on a deep plain ReLU MLP / CNN
+    with all weights at ``factor`` times their He norms, optionally times ``1 + perturb * N(0, 1)``
+    elementwise (a round-off-sized change). Returns the scale error and the GQ on held-out noise
+    before and after, and the result."""
     torch.manual_seed(seed)
     if kind == "mlp":
         model, shape = initopt.zoo.mlp(depth=8, width=32, in_features=32), (32,)
     else:
         model, shape = _plain_cnn(), (3, 4, 4)
     he = _he_scaled(model, factor)
+    if perturb:
+        gp = torch.Generator().manual_seed(1000 + seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + perturb * torch.randn(p.shape, generator=gp))
     g = torch.Generator().manual_seed(100 + seed)
     batch = (torch.randn(32, *shape, generator=g), torch.randint(0, 10, (32,), generator=g))
     held = [(torch.randn(32, *shape, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(3)]
     before_err = _scale_error(model, he)
     before_gq = sum(initopt.gradient_quotient(model, b).gq for b in held) / len(held)
-    res = initopt.initialize_(model, batch, "metainit", steps=200, seed=seed)
+    res = initopt.initialize_(model, batch, "metainit", seed=seed)
+    assert len(res.history) == MetaInitConfig().steps
     after_err = _scale_error(model, he)
     after_gq = sum(initopt.gradient_quotient(model, b).gq for b in held) / len(held)
+    return before_err, after_err, before_gq, after_gq, res
+
+
+@pytest.mark.parametrize("kind,factor,seed", RECOVERY)
+def test_recovers_from_badly_scaled_he_init(kind, factor, seed):
+    """Deep plain ReLU MLP / CNN with all weights at 1/4 or 4 times their He norms: MetaInit
+    (paper defaults, noise inputs) shrinks |mean log(norm / He norm)| by at least a third and
+    lowers GQ on held-out noise."""
+    before_err, after_err, before_gq, after_gq, res = _recovery(kind, factor, seed)
     assert before_err == pytest.approx(math.log(4), rel=1e-5)
     assert after_err <= (2 / 3) * before_err, (before_err, after_err, res.scales)
     assert after_gq < before_gq and res.after["gq"] < res.before["gq"]
+
+
+@pytest.mark.slow
+def test_recovery_does_not_depend_on_round_off():
+    """The case that failed on another CPU (CNN from 4x He, seed 2) with the paper's constant
+    step: weights changed by 1e-7 relative (what another thread count or CPU does to the
+    trajectory) must all recover, to nearly the same scale. With the constant step
+    (``anneal=0``) the end point is a random point of the step's oscillation."""
+    errs = []
+    for perturb in (0.0, 1e-7, -1e-7):
+        before_err, after_err, _, after_gq, res = _recovery("cnn", 4.0, 2, perturb)
+        assert after_err <= (2 / 3) * before_err, (perturb, after_err, res.scales)
+        # settled in the low-GQ basin (~0.6; ~60 at the He norms, 1e3-1e5 on the plateau at
+        # 1-2x He that a run too short or not at rest ends on)
+        assert after_gq < 1.0 and res.after["gq"] < res.before["gq"], (perturb, after_gq)
+        errs.append(after_err)
+    # 36 such perturbed runs (1/2 threads, float32/64, weights or inputs) end within 0.68-0.77;
+    # with the constant step within 0.64-1.51, and these three at anneal=0 spread 0.62-0.81 at one
+    # thread and 0.62-1.00 (past the bound) at two
+    assert max(errs) - min(errs) < 0.15, errs
 
 
 def test_norms_never_reach_zero_or_flip():
@@ -324,7 +370,7 @@ def test_adam_variant_tunes_every_tensor_within_bounds_and_lowers_gq():
 
 def test_config_validation_and_defaults():
     cfg = MetaInitConfig()
-    assert (cfg.lr, cfg.momentum, cfg.steps, cfg.eps, cfg.mode, cfg.source, cfg.variant) == (
+    assert (cfg.lr, cfg.momentum, cfg.steps, cfg.eps, cfg.mode, cfg.source, cfg.variant, cfg.anneal) == (
         0.1,
         0.9,
         500,
@@ -332,7 +378,11 @@ def test_config_validation_and_defaults():
         "eval",
         "noise",
         "sign",
+        0.25,
     )
+    mi = MetaInit(steps=8, anneal=0.25)
+    assert [mi.step_size(t, 8) for t in range(9)] == pytest.approx([0.1] * 7 + [0.05, 0.0])
+    assert [MetaInit(anneal=0.0).step_size(t, 8) for t in (0, 7)] == [0.1, 0.1]
     assert MetaInitConfig(input_shape=[3, 4]).input_shape == (3, 4)
     for bad in (
         {"lr": 0.0},
@@ -347,6 +397,8 @@ def test_config_validation_and_defaults():
         {"input_shape": (3, -1)},
         {"clip": 0.0},
         {"beta2": 1.0},
+        {"anneal": -0.1},
+        {"anneal": 1.5},
     ):
         with pytest.raises(initopt.ConfigError):
             MetaInitConfig(**bad)

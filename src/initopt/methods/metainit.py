@@ -25,6 +25,18 @@ at every step, with the model in eval mode. The norm is kept as a scale
 :math:`\\rho_{\\min,j} = \\min(\\texttt{min\\_norm}, \\rho_j^0)` keeps every norm positive, so a
 tensor never reaches 0 or flips sign.
 
+Deviation from the paper (``anneal``, default 0.25): over the last ``anneal`` fraction of the
+``T`` steps the step size decays linearly to zero, :math:`\\mathrm{lr}_t = \\mathrm{lr}\\,
+\\min(1, (T - t)/(\\texttt{anneal}\\,T))` for :math:`t = 0, \\dots, T-1`; before that it is the
+paper's constant step. With a constant step sign-SGD with momentum never comes to rest: each
+norm keeps moving by up to :math:`\\mathrm{lr}/(1-\\beta)` = 1 norm unit per step, and the
+noise inputs make the signs random near the minimum, so the last iterate is a random point of
+a band about as wide as the norms MetaInit settles at (a plain ReLU CNN from 4x He: layers at
+0.1-0.6 of their He norm of 4.5-5.7, i.e. 0.5-3 units). Small layers hit the floor and the
+overall scale ends anywhere in 0.08-0.67 of He depending on round-off (thread count, CPU;
+docs/metainit.md). Annealing brings the iterate to rest near the minimum; ``anneal=0`` is the
+paper's loop. The adam variant keeps its constant step.
+
 Baseline variant of later papers (``variant="adam"``): every tensor of non-zero norm,
 biases included, gets a scale tuned by the shared :class:`~initopt.core.RescaleAdam`
 (:math:`\\beta_1` = ``momentum``) within the bounds of :class:`~initopt.core.ScaleSpace`.
@@ -88,6 +100,10 @@ class MetaInitConfig:
         batch_size: noise mode: examples per step (``None``: as in the first batch).
         min_norm: sign variant: floor on each tuned norm, :math:`\\min(\\texttt{min\\_norm},
             \\rho^0_j)`.
+        anneal: sign variant: fraction of the steps at the end over which the step size
+            decays linearly to 0 (a deviation from the paper, whose constant step leaves the
+            last iterate a round-off-dependent point of its oscillation); 0: constant step,
+            the paper's loop.
         variant: ``"sign"`` (the paper) or ``"adam"`` (per-tensor scales, biases included,
             by the shared scale optimizer).
         min_scale: adam variant: lower bound of weight and gain scales (biases: 0).
@@ -106,6 +122,7 @@ class MetaInitConfig:
     num_classes: int | None = None
     batch_size: int | None = None
     min_norm: float = 1e-3
+    anneal: float = 0.25
     variant: str = "sign"
     min_scale: float = 0.01
     beta2: float = 0.999
@@ -117,6 +134,8 @@ class MetaInitConfig:
             _positive(k, getattr(self, k))
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ConfigError(f"metainit: momentum must be in [0, 1), got {self.momentum!r}")
+        if not (isinstance(self.anneal, (int, float)) and not isinstance(self.anneal, bool) and 0 <= self.anneal <= 1):
+            raise ConfigError(f"metainit: anneal must be in [0, 1], got {self.anneal!r}")
         if not (isinstance(self.beta2, (int, float)) and 0 <= self.beta2 < 1):
             raise ConfigError(f"metainit: beta2 must be in [0, 1), got {self.beta2!r}")
         if self.clip is not None:
@@ -271,7 +290,7 @@ class MetaInit(Method):
     # -- the verb -------------------------------------------------------------------------
 
     def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
-        run = self.start(problem)
+        run = self.start(problem, steps)
         before = run.measure()
         history: list[dict[str, Any]] = []
         for _ in range(steps):
@@ -280,32 +299,52 @@ class MetaInit(Method):
             progress.update(gq=f"{rec['gq']:.4g}")
         return Outcome(alpha=run.alpha, history=history, before=before, after=run.measure())
 
-    def start(self, problem: Problem) -> MetaInitRun:
-        """The state of a search on ``problem``, advanced by :meth:`MetaInitRun.step`."""
-        return MetaInitRun(self, problem)
+    def start(self, problem: Problem, steps: int | None = None) -> MetaInitRun:
+        """The state of a search on ``problem``, advanced by :meth:`MetaInitRun.step`.
 
-    def _sign_stepper(self, space: ScaleSpace, blocks: list[int]) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        """Sign-SGD with momentum on the norms of ``blocks`` (no host synchronization)."""
+        ``steps``: the length of the run the step size is annealed over (default
+        ``config.steps``)."""
+        return MetaInitRun(self, problem, steps)
+
+    def step_size(self, t: int, steps: int) -> float:
+        """Sign variant: the step size of step ``t`` (from 0) of a run of ``steps`` steps: ``lr``,
+        decaying linearly to 0 over the last ``anneal * steps`` steps (0 from step ``steps`` on)."""
+        cfg = self.config
+        ramp = cfg.anneal * steps
+        if ramp <= 0:
+            return cfg.lr
+        return cfg.lr * min(1.0, max(0.0, (steps - t) / ramp))
+
+    def _sign_stepper(
+        self, space: ScaleSpace, blocks: list[int], steps: int
+    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """Sign-SGD with momentum on the norms of ``blocks`` (no host synchronization), the
+        step size annealed by :meth:`step_size` over a run of ``steps`` steps."""
         cfg = self.config
         kw = {"dtype": space.dtype, "device": space.device}
         idx = torch.tensor(blocks, dtype=torch.long, device=space.device)
         rho0 = torch.tensor([space.blocks[i].init_norm for i in blocks], **kw)
         floor = torch.clamp(rho0, max=cfg.min_norm)
         mom = torch.zeros(len(blocks), **kw)
+        t = [0]
 
         @torch.no_grad()
         def step(alpha: torch.Tensor, d_alpha: torch.Tensor) -> None:
+            lr = self.step_size(t[0], steps)
+            t[0] += 1
             if not blocks:
                 return
             d_rho = d_alpha / rho0
-            mom.mul_(cfg.momentum).sub_(cfg.lr * torch.sign(d_rho))
+            mom.mul_(cfg.momentum).sub_(lr * torch.sign(d_rho))
             rho = torch.maximum(alpha[idx] * rho0 + mom, floor)
             alpha[idx] = rho / rho0
 
         return step
 
-    def _adam_stepper(self, space: ScaleSpace, blocks: list[int]) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        """The shared scale optimizer on the scales of ``blocks``."""
+    def _adam_stepper(
+        self, space: ScaleSpace, blocks: list[int], steps: int
+    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """The shared scale optimizer on the scales of ``blocks`` (constant step; ``steps`` unused)."""
         cfg = self.config
         lo, hi = space.bounds()
         idx = torch.tensor(blocks, dtype=torch.long, device=space.device)
@@ -330,8 +369,9 @@ class MetaInitRun:
     the first batch otherwise).
     """
 
-    def __init__(self, method: MetaInit, problem: Problem) -> None:
+    def __init__(self, method: MetaInit, problem: Problem, steps: int | None = None) -> None:
         cfg = method.config
+        self.steps = cfg.steps if steps is None else steps
         self.method, self.problem = method, problem
         self.space, self.ev = problem.space, problem.evaluator
         self.draw = method.noise_source(problem) if cfg.source == "noise" else problem.next_batch
@@ -339,7 +379,7 @@ class MetaInitRun:
         self.blocks = method.tuned(self.space)
         self.alpha = self.space.ones()
         stepper = method._sign_stepper if cfg.variant == "sign" else method._adam_stepper
-        self.update = stepper(self.space, self.blocks)
+        self.update = stepper(self.space, self.blocks, self.steps)
         self.t = 0
 
     def measure(self) -> dict[str, float]:
