@@ -18,7 +18,7 @@ from initopt.diagnostics.hessian import (
 )
 from initopt.diagnostics.quotient import GradientQuotient, gradient_quotient
 from initopt.diagnostics.report import Report, diagnose
-from initopt.errors import ConfigError, DataError, InitOptError, LossError, ModelError
+from initopt.errors import ConfigError, DataError, DistributedError, InitOptError, LossError, ModelError
 from initopt.methods import (
     LSUV,
     NIO,
@@ -47,6 +47,7 @@ __all__ = [
     "NIO",
     "ConfigError",
     "DataError",
+    "DistributedError",
     "GradCosine",
     "GradInit",
     "GradInitConfig",

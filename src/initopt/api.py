@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from initopt.core import dist
 from initopt.core.batches import BatchSource, Task, _describe, check_loss
 from initopt.core.blocks import apply_scales_
 from initopt.core.functional import Evaluator, search_mode
@@ -68,6 +69,8 @@ def run_method(
     space = method.make_space(model)
     step = None if optimizer is None else TrainStep.from_spec(optimizer, space)
     evaluator = Evaluator(model, space, task)
+    if dist.active():
+        _check_ranks(method.name, space, steps, seed)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=_devices(model)), search_mode(model, method.mode):
         torch.manual_seed(seed)
@@ -78,6 +81,8 @@ def run_method(
         with Progress(method.progress_total(steps), desc=method.name, enabled=progress) as bar:
             outcome = method.search(problem, steps, bar)
     seconds = time.perf_counter() - t0
+    if dist.active():
+        outcome.alpha = dist.agree_(outcome.alpha, method.name)
     _check_outcome(method.name, outcome)
     scales = space.to_scales(outcome.alpha)
     apply_scales_(model, scales)
@@ -95,6 +100,18 @@ def run_method(
         after=outcome.after,
         info=outcome.info,
         seed=seed,
+    )
+
+
+def _check_ranks(name: str, space: Any, steps: int, seed: int) -> None:
+    """Distributed: every rank must start from the same model, seed and number of steps."""
+    shape = torch.tensor([float(len(space.blocks))], dtype=torch.float64)
+    dist.check_same(shape, f"{name}: the numbers of trainable tensors of the models")
+    norms = [b.init_norm for b in space.blocks]
+    dist.check_same(
+        torch.tensor([float(seed), float(steps), *norms], dtype=torch.float64),
+        f"{name}: the seeds, steps or initial tensor norms (the models must be identical on every rank "
+        "before the call: build them with the same seed, or broadcast rank 0's state)",
     )
 
 

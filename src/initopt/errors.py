@@ -26,3 +26,7 @@ class LossError(InitOptError, ValueError):
 
 class ModelError(InitOptError, ValueError):
     """The model cannot be initialized (for example: it has no trainable parameters)."""
+
+
+class DistributedError(InitOptError, RuntimeError):
+    """The ranks of a distributed run disagree (different models, seeds or final scales)."""

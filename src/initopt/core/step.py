@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from initopt.core import dist
 from initopt.core.batches import Batch
 from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
@@ -196,13 +197,36 @@ class TrainStep:
 
 
 def _holdout_loss(ev: Evaluator, tensors: list[torch.Tensor], holdout: Sequence[Batch]) -> float:
-    """Mean held-out loss; ``inf`` when it is not finite."""
+    """Mean held-out loss (distributed: also over ranks); ``inf`` when it is not finite."""
     try:
         with torch.no_grad():
             losses = torch.stack([ev.loss(tensors, b, where="a held-out batch").detach().double() for b in holdout])
     except LossError:
-        return math.inf
-    return float(losses.mean())
+        value = math.inf
+    else:
+        value = float(losses.mean())
+    if dist.active():
+        value = dist.mean_floats([value])[0]
+        value = value if math.isfinite(value) else math.inf
+    return value
+
+
+def _reduce_step(loss: torch.Tensor | None, params: Sequence[torch.Tensor], grads: Sequence[Any]) -> float:
+    """Distributed trial step: average the gradients over ranks in place (as DDP does) and
+    return the mean loss, in one all-reduce; a rank whose loss failed (``None``) makes it ``inf``."""
+    flat = [
+        (torch.zeros_like(p) if g is None or loss is None else g).detach().reshape(-1).double()
+        for p, g in zip(params, grads, strict=True)
+    ]
+    v = math.inf if loss is None else float(loss.detach())
+    both = dist.all_reduce_mean(torch.cat([*flat, torch.tensor([v], dtype=torch.float64, device=flat[0].device)]))
+    pos = 0
+    for p in params:
+        n = p.numel()
+        p.grad = both[pos : pos + n].view_as(p).to(p.dtype)
+        pos += n
+    mean = float(both[-1])
+    return mean if math.isfinite(mean) else math.inf
 
 
 class Trial:
@@ -235,6 +259,8 @@ class Trial:
         """Train on ``batches``, one optimizer step each; returns the held-out loss after."""
         if self.diverged:
             return self.after
+        if dist.active():
+            return self._advance_distributed(batches)
         for b in batches:
             t0 = time.perf_counter()
             try:
@@ -253,6 +279,30 @@ class Trial:
             if not math.isfinite(v):
                 self.diverged, self.after = True, math.inf
                 return self.after
+        self.after = _holdout_loss(self.ev, self.params, self.holdout)
+        if not math.isfinite(self.after):
+            self.diverged, self.after = True, math.inf
+        return self.after
+
+    def _advance_distributed(self, batches: Sequence[Batch]) -> float:
+        """:meth:`advance` under ``torch.distributed``: gradients and losses averaged over ranks,
+        so every rank trains the same copies and stops at the same step."""
+        for b in batches:
+            t0 = time.perf_counter()
+            try:
+                loss: torch.Tensor | None = self.ev.loss(self.params, b)
+            except LossError:
+                loss = None
+            grads: Sequence[Any] = [None] * len(self.params)
+            if loss is not None:
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            v = _reduce_step(loss, self.params, grads)
+            self.train_loss.append(v)
+            if not math.isfinite(v):
+                self.diverged, self.after = True, math.inf
+                return self.after
+            self.opt.step()
+            self.seconds.append(time.perf_counter() - t0)
         self.after = _holdout_loss(self.ev, self.params, self.holdout)
         if not math.isfinite(self.after):
             self.diverged, self.after = True, math.inf

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from initopt.core import dist
 from initopt.core.batches import Batch, concat_batches, split_batch
 from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
@@ -215,7 +216,8 @@ class GradInit(Method):
         loss = ev.loss(theta, S)
         g = _zeros_for_none(torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True), theta)
         norm = self.grad_norm(g, p)
-        loss_v, norm_v = torch.stack([loss.detach().double(), norm.detach().double()]).tolist()
+        # distributed: the bound is on the mean over ranks, so every rank takes the same branch
+        loss_v, norm_v = dist.all_reduce_mean(torch.stack([loss.detach().double(), norm.detach().double()])).tolist()
         if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
             raise LossError(
                 f"gradinit: non-finite loss ({loss_v}) or gradient norm ({norm_v}); "
@@ -227,13 +229,13 @@ class GradInit(Method):
             n2 = self.grad_norm(g2, p)
             dn = torch.autograd.grad(n2, theta, allow_unused=True)
             rec["branch"] = "constraint"
-            return space.scale_grad(dn), rec
+            return dist.all_reduce_mean(space.scale_grad(dn)), rec
         del loss
         obj, moved = self.lookahead(ev, theta, g, norm, S_tilde, step)
         d = torch.autograd.grad(obj, moved, allow_unused=True)
         rec["branch"] = "objective"
         rec["lookahead_loss"] = obj.detach() * self.config.eta
-        return space.scale_grad(d), rec
+        return dist.all_reduce_mean(space.scale_grad(d)), rec
 
     def measure(
         self,
@@ -252,7 +254,7 @@ class GradInit(Method):
         norm = self.grad_norm(g, p)
         with torch.no_grad():
             obj, _ = self.lookahead(ev, theta, g, norm, S_tilde, step)
-        v = torch.stack([loss.detach(), norm, obj * self.config.eta]).double().tolist()
+        v = dist.all_reduce_mean(torch.stack([loss.detach(), norm, obj * self.config.eta]).double()).tolist()
         return {"loss": v[0], "grad_norm": v[1], "lookahead_loss": v[2]}
 
     @staticmethod
@@ -285,7 +287,7 @@ class GradInit(Method):
             progress.update(branch=rec["branch"][:3], norm=f"{rec['grad_norm']:.3g}")
             S, nxt = nxt, problem.next_batch()
         lookahead = [h.pop("lookahead_loss") for h in history if "lookahead_loss" in h]
-        values = torch.stack(lookahead).double().tolist() if lookahead else []
+        values = dist.all_reduce_mean(torch.stack(lookahead).double()).tolist() if lookahead else []
         it = iter(values)
         for h in history:
             h["lookahead_loss"] = next(it) if h["branch"] == "objective" else None

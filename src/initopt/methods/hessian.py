@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from initopt.core import dist
 from initopt.core.affine import fname, record_affine, tensors_in
 from initopt.core.batches import Batch
 from initopt.core.blocks import ScaleSpace
@@ -698,7 +699,8 @@ class HessianInit(Method):
             for h in handles:
                 h.remove()
         names = list(acc)
-        vals = torch.stack([acc[n] for n in names] + [loss.detach().double()]).cpu().tolist()
+        # distributed: moments and loss averaged over ranks, so every rank sets the same variances
+        vals = dist.all_reduce_mean(torch.stack([acc[n] for n in names] + [loss.detach().double()]).cpu()).tolist()
         return dict(zip(names, vals[:-1], strict=True)), vals[-1]
 
     def _analytic(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
@@ -709,7 +711,7 @@ class HessianInit(Method):
         if steps == 0:
             return Outcome(alpha=alpha, history=history)
         layers, loss0 = trace_layers(problem.model, problem.evaluator, problem.batches.first)
-        check = float(loss0.detach())
+        check = dist.mean_floats([float(loss0.detach())])[0]
         if not math.isfinite(check):
             raise LossError(f"hessian: the loss on the first batch is {check}")
         usable = [info for info in layers if info.note is None]
@@ -803,7 +805,7 @@ class HessianInit(Method):
                 _, fro2 = hutchpp(op, cfg.probes, generator=gen)
                 out.append(fro2.clamp_min(0).sqrt().double().cpu())
         root.release()
-        return torch.stack(out).double().cpu()
+        return dist.all_reduce_mean(torch.stack(out).double().cpu())  # distributed: mean over ranks
 
     def _data(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
         """Rescale weights until their Hessian-block norms reach the target: a damped Newton

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from initopt.core import dist
 from initopt.core.affine import record_affine
 from initopt.core.progress import Progress
 from initopt.errors import ConfigError
@@ -158,4 +159,5 @@ class Kaiming(Method):
         with torch.no_grad():
             loss1 = problem.evaluator.loss(space.scaled(alpha), batch)
         progress.update()
-        return Outcome(alpha=alpha, history=history, before={"loss": float(loss0)}, after={"loss": float(loss1)})
+        l0, l1 = dist.mean_floats([float(loss0), float(loss1)])  # distributed: mean over ranks
+        return Outcome(alpha=alpha, history=history, before={"loss": l0}, after={"loss": l1})

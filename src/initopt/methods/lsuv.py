@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from initopt.core import dist
 from initopt.core.affine import AffineTrace, record_affine
 from initopt.core.progress import Progress
 from initopt.errors import ConfigError
@@ -109,6 +110,8 @@ class LSUV(Method):
 
         def measure(flow: bool = False) -> tuple[AffineTrace, float]:
             trace, loss = record_affine(problem.evaluator, space.scaled(alpha), batch, flow=flow)
+            if dist.active():  # variances of the union of all ranks' outputs, and the mean loss
+                loss = dist.pool_moments_([trace.uses[k] for k in sorted(trace.uses)], loss)
             return trace, float(loss)
 
         trace, loss = measure(flow=True)

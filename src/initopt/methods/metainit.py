@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from initopt.core import dist
 from initopt.core.batches import Batch, batch_size
 from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.blocks import ScaleSpace
@@ -284,7 +285,7 @@ class MetaInit(Method):
         theta = space.leaves(alpha)
         loss = ev.loss(theta, batch, where="a MetaInit batch")
         gq = gradient_quotient(loss, theta, eps=self.config.eps)
-        v = torch.stack([gq, loss.detach()]).double().tolist()
+        v = dist.all_reduce_mean(torch.stack([gq, loss.detach()]).double()).tolist()
         return {"gq": v[0], "loss": v[1]}
 
     # -- the verb -------------------------------------------------------------------------
@@ -391,6 +392,10 @@ class MetaInitRun:
         if clock is not None:
             clock.append(("draw", time.perf_counter()))
         d, gq, loss = self.method.objective(self.ev, self.space, self.alpha, batch, self.blocks, clock=clock)
+        if dist.active():  # one all-reduce: the scale gradient and the two measures, averaged over ranks
+            k = d.numel()
+            both = dist.all_reduce_mean(torch.cat([d.double(), gq.double().reshape(1), loss.double().reshape(1)]))
+            d, gq, loss = both[:k].to(d.dtype), both[k], both[k + 1]
         loss_v, gq_v, d_v = torch.stack([loss.double(), gq.double(), d.double().abs().sum()]).tolist()
         if not all(math.isfinite(v) for v in (loss_v, gq_v, d_v)):
             raise LossError(

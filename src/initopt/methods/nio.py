@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from initopt.core import dist
 from initopt.core.batches import Batch, batch_size, split_batch
 from initopt.core.cosine import GramPlan, build_plan, cosine_from_gram, subbatch_gram
 from initopt.core.functional import Evaluator
@@ -168,7 +169,8 @@ class NIO(Method):
         gram, losses = subbatch_gram(ev, a, self.parts(batch), plan=plan, create_graph=True)
         gc, norms = cosine_from_gram(gram, cfg.eps)
         gn = norms.mean()
-        gn_v, gc_v, loss_v = torch.stack([gn, gc, losses.mean()]).detach().double().tolist()
+        # distributed: the bound is on the mean over ranks, so every rank takes the same branch
+        gn_v, gc_v, loss_v = dist.all_reduce_mean(torch.stack([gn, gc, losses.mean()]).detach().double()).tolist()
         if not all(math.isfinite(v) for v in (gn_v, gc_v, loss_v)):
             raise LossError(
                 f"nio: non-finite loss ({loss_v}), gradient cosine ({gc_v}) or norm ({gn_v}); "
@@ -176,13 +178,13 @@ class NIO(Method):
             )
         branch = "constraint" if gn_v > cfg.gamma else "objective"
         (grad,) = torch.autograd.grad(self.objective(gc, gn, branch), a)
-        return grad.detach(), {"branch": branch, "gc": gc_v, "gn": gn_v, "loss": loss_v}
+        return dist.all_reduce_mean(grad.detach()), {"branch": branch, "gc": gc_v, "gn": gn_v, "loss": loss_v}
 
     def measure(self, ev: Evaluator, alpha: torch.Tensor, batch: Batch, plan: GramPlan | None) -> dict[str, float]:
         """B-GC, B-GN and the mean sub-batch loss at ``alpha`` (first order only)."""
         gram, losses = subbatch_gram(ev, alpha, self.parts(batch), plan=plan)
         gc, norms = cosine_from_gram(gram.detach(), self.config.eps)
-        v = torch.stack([gc, norms.mean(), losses.detach().mean()]).double().tolist()
+        v = dist.all_reduce_mean(torch.stack([gc, norms.mean(), losses.detach().mean()]).double()).tolist()
         return {"gc": v[0], "gn": v[1], "loss": v[2]}
 
     def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:

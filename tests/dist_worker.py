@@ -1,0 +1,107 @@
+"""One rank of the distributed test (``tests/test_distributed.py`` launches it under torchrun).
+
+Every rank builds the same small float64 MLP, takes its own data shard, runs each case of
+``CASES`` through :func:`initopt.initialize_` and saves what it got (scales, weights, measures)
+to ``<out>/rank<r>.pt``. The test process compares the ranks with each other and with
+single-process references.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as td
+from torch import nn
+
+import initopt
+from initopt.core import dist
+
+IN, HIDDEN, CLASSES, BATCH = 6, 10, 3, 16
+
+# name: (method, config, data kind)
+CASES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "kaiming": ("kaiming", {}, "one"),
+    "lsuv": ("lsuv", {}, "one"),
+    "hessian": ("hessian", {}, "one"),
+    "hessian_data": ("hessian", {"mode": "data", "steps": 4, "iterations": 8}, "one"),
+    "gradinit": ("gradinit", {"steps": 12, X
+    "nio": ("nio", {"steps": 6, "num_splits": 2, X
+    "metainit": ("metainit", {"steps": 8, "source": "batches", "lr": 0.05}, "one"),
+    "metainit_noise": ("metainit", {"steps": 4, "lr": 0.05}, "one"),
+    "auto": ("auto", {"learned": (), "trial_steps": 4, "max_trial_steps": 8, "holdout": 1}, "many"),
+    "auto_learned": (
+        "auto",
+        {"starts": ("model", "kaiming"), "learned": ("gradinit", "nio"), "trial_steps": 3, "holdout": 1, "steps": 8},
+        "many",
+    ),
+}
+
+
+def model() -> nn.Module:
+    """The same network on every rank (seeded)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES)
+    ).double()
+
+
+def shard(rank: int, t: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``t`` of rank ``rank``'s shard."""
+    g = torch.Generator().manual_seed(1000 + 97 * rank + t)
+    x = torch.randn(BATCH, IN, generator=g, dtype=torch.float64) * (1.0 + 0.5 * rank)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    return x, y
+
+
+def data(rank: int, kind: str) -> Any:
+    return shard(rank) if kind == "one" else [shard(rank, t) for t in range(12)]
+
+
+def run_case(rank: int, name: str) -> dict[str, Any]:
+    method, config, kind = CASES[name]
+    net = model()
+    res = initopt.initialize_(net, data(rank, kind), method, seed=3, progress=False, **config)
+    return {
+        "scales": dict(res.scales),
+        "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        "before": dict(res.before),
+        "after": dict(res.after),
+        "branches": [h.get("branch") for h in res.history],
+        "choice": res.info.get("choice"),
+    }
+
+
+def main(out: str) -> None:
+    td.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank = td.get_rank()
+    results: dict[str, Any] = {"world": td.get_world_size(), "active": dist.active()}
+    for name in sys.argv[2:] or list(CASES):
+        try:
+            results[name] = run_case(rank, name)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    # the models differ across ranks: every rank must raise DistributedError (none may hang)
+    net = model()
+    if rank == 1:
+        with torch.no_grad():
+            net[0].weight.mul_(1.5)
+    try:
+        initopt.initialize_(net, shard(rank), "kaiming", progress=False)
+        results["mismatch"] = "no error"
+    except initopt.DistributedError as e:
+        results["mismatch"] = str(e)
+    # dist.local(): no collective, each rank on its own shard
+    with dist.local():
+        net = model()
+        results["local"] = dict(initopt.initialize_(net, shard(rank), "lsuv", progress=False).scales)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    td.barrier()
+    td.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
