@@ -27,11 +27,15 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "lsuv": ("lsuv", {}, "one"),
     "hessian": ("hessian", {}, "one"),
     "hessian_data": ("hessian", {"mode": "data", "steps": 4, "iterations": 8}, "one"),
-    "gradinit": ("gradinit", {"steps": 12, X
-    "nio": ("nio", {"steps": 6, "num_splits": 2, X
+    "gradinit": ("gradinit", {"steps": 12, "gamma": 0.25, "lr": 0.05}, "one"),
+    "nio": ("nio", {"steps": 8, "num_splits": 2, "gamma": 0.4, "lr": 0.05}, "one"),
     "metainit": ("metainit", {"steps": 8, "source": "batches", "lr": 0.05}, "one"),
     "metainit_noise": ("metainit", {"steps": 4, "lr": 0.05}, "one"),
-    "auto": ("auto", {"learned": (), "trial_steps": 4, "max_trial_steps": 8, "holdout": 1}, "many"),
+    "auto": (
+        "auto",
+        {"starts": ("kaiming", "lsuv", "hessian"), "learned": (), "trial_steps": 4, "max_trial_steps": 8, "holdout": 1},
+        "many",
+    ),
     "auto_learned": (
         "auto",
         {"starts": ("model", "kaiming"), "learned": ("gradinit", "nio"), "trial_steps": 3, "holdout": 1, "steps": 8},
