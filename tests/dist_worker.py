@@ -8,8 +8,10 @@ single-process references.
 
 from __future__ import annotations
 
+import math
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 import initopt
 from initopt.core import dist
+from initopt.methods.base import Method, Outcome
 
 IN, HIDDEN, CLASSES, BATCH = 6, 10, 3, 16
 
@@ -42,6 +45,23 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
         "many",
     ),
 }
+
+
+@dataclass(frozen=True)
+class RankScalesConfig:
+    steps: int = 1
+    offset: float = 0.0
+
+
+class RankScales(Method):
+    """A faulty method whose scales depend on the rank: 1 on rank 0, 1 + offset on the others."""
+
+    name = "rank_scales"
+    Config = RankScalesConfig
+
+    def search(self, problem: Any, steps: int, progress: Any) -> Outcome:
+        alpha = problem.space.ones()
+        return Outcome(alpha=alpha if dist.rank() == 0 else alpha * (1 + self.config.offset))
 
 
 def model() -> nn.Module:
@@ -98,6 +118,14 @@ def main(out: str) -> None:
         results["mismatch"] = "no error"
     except initopt.DistributedError as e:
         results["mismatch"] = str(e)
+    # the final check: ranks that end apart fail together; round-off is replaced by rank 0's scales
+    for label, offset in (("apart", 0.5), ("roundoff", 1e-12), ("nonfinite", math.nan)):
+        try:
+            net = model()
+            res = initopt.initialize_(net, shard(rank), RankScales(offset=offset), progress=False)
+            results[label] = dict(res.scales)
+        except initopt.InitOptError as e:
+            results[label] = f"{type(e).__name__}: {e}"
     # dist.local(): no collective, each rank on its own shard
     with dist.local():
         net = model()

@@ -108,6 +108,15 @@ def test_different_models_raise_on_every_rank(ranks):
         assert "differ across the 2 ranks" in r["mismatch"]
 
 
+def test_final_check_of_the_scales(ranks):
+    """A method whose scales depend on the rank: far apart raises on every rank, round-off is
+    replaced by rank 0's scales, a non-finite scale on one rank fails every rank."""
+    for r in ranks:
+        assert r["apart"].startswith("DistributedError") and "different scales" in r["apart"]
+        assert r["roundoff"] == ranks[0]["roundoff"] and set(r["roundoff"].values()) == {1.0}
+        assert r["nonfinite"].startswith("LossError") and "non-finite scales" in r["nonfinite"]
+
+
 def test_local_runs_each_rank_alone(ranks):
     assert ranks[0]["local"] != ranks[1]["local"]
     for r in range(K):
