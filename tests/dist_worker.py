@@ -126,6 +126,16 @@ def main(out: str) -> None:
             results[label] = dict(res.scales)
         except initopt.InitOptError as e:
             results[label] = f"{type(e).__name__}: {e}"
+    # a bad first batch on rank 1 only: its own error there, DistributedError on the others (no hang)
+    x, y = shard(rank)
+    if rank == 1:
+        x = x.clone()
+        x[0, 0] = math.nan
+    try:
+        initopt.initialize_(model(), (x, y), "gradinit", steps=2, progress=False)
+        results["bad_shard"] = "no error"
+    except initopt.InitOptError as e:
+        results["bad_shard"] = f"{type(e).__name__}: {e}"
     # dist.local(): no collective, each rank on its own shard
     with dist.local():
         net = model()

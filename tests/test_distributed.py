@@ -117,6 +117,11 @@ def test_final_check_of_the_scales(ranks):
         assert r["nonfinite"].startswith("LossError") and "non-finite scales" in r["nonfinite"]
 
 
+def test_a_bad_shard_stops_every_rank(ranks):
+    assert ranks[1]["bad_shard"].startswith("LossError")
+    assert ranks[0]["bad_shard"].startswith("DistributedError") and "failed on rank 1" in ranks[0]["bad_shard"]
+
+
 def test_local_runs_each_rank_alone(ranks):
     assert ranks[0]["local"] != ranks[1]["local"]
     for r in range(K):

@@ -74,8 +74,13 @@ def run_method(
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=_devices(model)), search_mode(model, method.mode):
         torch.manual_seed(seed)
-        batches = BatchSource(data, space.device)
-        _validate(evaluator, batches.first)
+        try:
+            batches = BatchSource(data, space.device)
+            _validate(evaluator, batches.first)
+        except InitOptError as e:
+            dist.fail_together(e, f"{method.name}: the check of the data and the first batch")
+            raise
+        dist.fail_together(None, f"{method.name}: the check of the data and the first batch")
         generator = torch.Generator(device=space.device).manual_seed(seed)
         problem = Problem(model, space, evaluator, batches, generator, seed, step)
         with Progress(method.progress_total(steps), desc=method.name, enabled=progress) as bar:

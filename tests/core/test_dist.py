@@ -28,6 +28,8 @@ def _check_noop() -> None:
     assert dist.pool_moments_([u], extra) is extra
     assert (u.mean, u.m2, u.count) == (mean, m2, count)
     dist.check_same(torch.tensor([1.0, 2.0]), "anything")
+    dist.fail_together(None, "anything")
+    dist.fail_together(ValueError("mine"), "anything")  # the caller raises its own error
     alpha = torch.tensor([0.5, 2.0])
     assert dist.agree_(alpha, "x") is alpha
 

@@ -38,6 +38,7 @@ __all__ = [
     "agree_",
     "all_reduce_mean",
     "check_same",
+    "fail_together",
     "local",
     "mean_floats",
     "pool_moments_",
@@ -174,6 +175,22 @@ def check_same(values: torch.Tensor, what: str) -> None:
             f"{what} differ across the {world_size()} ranks (first difference at entry {bad}: "
             f"{float(lo[bad])!r} vs {float(hi[bad])!r})"
         )
+
+
+def fail_together(error: BaseException | None, what: str) -> None:
+    """Tell every rank whether some rank failed a step that all must pass (one all-reduce).
+
+    Every rank calls it at the same point, with the error it caught there or ``None``. A rank
+    whose own ``error`` is set returns (the caller raises its own error); when only other ranks
+    failed, :class:`DistributedError` is raised here, naming the first failed rank. So a failure
+    on one rank ends every rank instead of leaving the others waiting in the next collective.
+    """
+    if not active():
+        return
+    flag = torch.tensor([1.0 if error is not None else 0.0, float(-rank() if error is not None else -world_size())])
+    failed, first = _reduce(flag, torch_dist.ReduceOp.MAX).tolist()
+    if failed and error is None:
+        raise DistributedError(f"{what} failed on rank {int(-first)} (see that rank's error); every rank stops")
 
 
 def agree_(alpha: torch.Tensor, name: str, *, rtol: float = 1e-6) -> torch.Tensor:
