@@ -94,6 +94,7 @@ def run_case(rank: int, name: str) -> dict[str, Any]:
         "before": dict(res.before),
         "after": dict(res.after),
         "branches": [h.get("branch") for h in res.history],
+        "history": [{k: v for k, v in h.items() if "second" not in k} for h in res.history],
         "choice": res.info.get("choice"),
     }
 

@@ -100,6 +100,7 @@ def test_ranks_bit_identical(ranks, name):
         assert torch.equal(a["state"][k], b["state"][k]), k
     assert a["before"] == b["before"] and a["after"] == b["after"]
     assert a["branches"] == b["branches"] and a["choice"] == b["choice"]
+    assert a["history"] == b["history"]  # every recorded measure, except wall times
     assert any(abs(s - 1.0) > 1e-3 for s in a["scales"].values()), "the case changed nothing"
 
 
