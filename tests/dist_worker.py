@@ -19,6 +19,7 @@ import torch.distributed as td
 from torch import nn
 
 import initopt
+from initopt import zoo
 from initopt.core import dist
 from initopt.methods.base import Method, Outcome
 
@@ -44,6 +45,10 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
         {"starts": ("model", "kaiming"), "learned": ("gradinit", "nio"), "trial_steps": 3, "holdout": 1, "steps": 8},
         "many",
     ),
+    # a BatchNorm CNN (batch statistics per rank; the NIO Gram engine on convolutions): ranks agree
+    "cnn_nio": ("nio", {"steps": 4, "num_splits": 2}, "cnn"),
+    "cnn_gradinit": ("gradinit", {"steps": 4}, "cnn"),
+    "cnn_lsuv": ("lsuv", {}, "cnn"),
 }
 
 
@@ -80,13 +85,21 @@ def shard(rank: int, t: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return zoo.cnn(channels=(4, 8), in_channels=1, num_classes=CLASSES, batchnorm=True).double()
+
+
 def data(rank: int, kind: str) -> Any:
+    if kind == "cnn":
+        x, y = shard(rank)
+        return x[:, :4].repeat(1, 16).reshape(BATCH, 1, 8, 8), y
     return shard(rank) if kind == "one" else [shard(rank, t) for t in range(12)]
 
 
 def run_case(rank: int, name: str) -> dict[str, Any]:
     method, config, kind = CASES[name]
-    net = model()
+    net = cnn() if kind == "cnn" else model()
     res = initopt.initialize_(net, data(rank, kind), method, seed=3, progress=False, **config)
     return {
         "scales": dict(res.scales),
