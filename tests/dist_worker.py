@@ -26,7 +26,7 @@ from initopt.methods.base import Method, Outcome
 IN, HIDDEN, CLASSES, BATCH = 6, 10, 3, 16
 
 # name: (method, config, data kind)
-CASES: dict[str, tuple[str, dict[str, Any], str]] = {
+CASES: dict[str, tuple[Any, dict[str, Any], str]] = {
     "kaiming": ("kaiming", {}, "one"),
     "lsuv": ("lsuv", {}, "one"),
     "hessian": ("hessian", {}, "one"),
@@ -45,6 +45,7 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
         {"starts": ("model", "kaiming"), "learned": ("gradinit", "nio"), "trial_steps": 3, "holdout": 1, "steps": 8},
         "many",
     ),
+    "pipeline": (["hessian", ("gradinit", {"steps": 4})], {}, "one"),
     # a BatchNorm CNN (batch statistics per rank; the NIO Gram engine on convolutions): ranks agree
     "cnn_nio": ("nio", {"steps": 4, "num_splits": 2}, "cnn"),
     "cnn_gradinit": ("gradinit", {"steps": 4}, "cnn"),

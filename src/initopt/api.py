@@ -117,6 +117,7 @@ def _check_ranks(name: str, space: Any, steps: int, seed: int) -> None:
         torch.tensor([float(seed), float(steps), *norms], dtype=torch.float64),
         f"{name}: the seeds, steps or initial tensor norms (the models must be identical on every rank "
         "before the call: build them with the same seed, or broadcast rank 0's state)",
+        ["seed", "steps", *(f"the norm of {b.name}" for b in space.blocks)],
     )
 
 

@@ -161,9 +161,10 @@ def pool_moments_(stats: Sequence[Any], extra: torch.Tensor | None = None) -> to
     return (total[k:] / world_size()).reshape(extra.shape).to(extra.device, extra.dtype)
 
 
-def check_same(values: torch.Tensor, what: str) -> None:
+def check_same(values: torch.Tensor, what: str, labels: Sequence[str] | None = None) -> None:
     """Raise :class:`DistributedError` on every rank unless ``values`` (same shape everywhere)
-    are bit-identical on all ranks. One all-reduce of ``2 * values.numel()`` scalars."""
+    are bit-identical on all ranks; ``labels`` name the entries in the message. One all-reduce
+    of ``2 * values.numel()`` scalars."""
     if not active():
         return
     v = values.detach().double().reshape(-1)
@@ -171,8 +172,9 @@ def check_same(values: torch.Tensor, what: str) -> None:
     hi, lo = both[: v.numel()], -both[v.numel() :]
     if not bool(torch.equal(hi, lo)):
         bad = int((hi != lo).nonzero()[0, 0]) if bool((hi != lo).any()) else 0
+        entry = labels[bad] if labels is not None and bad < len(labels) else f"entry {bad}"
         raise DistributedError(
-            f"{what} differ across the {world_size()} ranks (first difference at entry {bad}: "
+            f"{what} differ across the {world_size()} ranks (first difference: {entry}, "
             f"{float(lo[bad])!r} vs {float(hi[bad])!r})"
         )
 
