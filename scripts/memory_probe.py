@@ -6,7 +6,7 @@ peak resident set size of the search, minus the resident size after building the
 one forward pass, is divided by the bytes of the parameters. CPU RSS also counts allocator
 slack, so read the multiples as estimates to about +-0.5 P.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/memory_probe.py
+    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/memory_probe.py ["case name" ...]
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ CASES = {
     "metainit": ("metainit", {"steps": 3, "source": "batches"}),
     "nio (num_splits=2)": ("nio", {"steps": 3, "num_splits": 2}),
     "nio (num_splits=4)": ("nio", {"steps": 3, "num_splits": 4}),
+    "hessian (data)": ("hessian", {"mode": "data", "steps": 1}),
+    "auto (starts only)": ("auto", {"learned": (), "trial_steps": 2, "max_trial_steps": 2, "holdout": 1}),
 }
 
 
@@ -61,11 +63,11 @@ def one(name: str) -> dict[str, float]:
 
 
 def main() -> None:
-    if len(sys.argv) > 1:
-        print(json.dumps(one(sys.argv[1])))
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print(json.dumps(one(sys.argv[2])))
         return
-    for name in CASES:
-        out = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, check=True)
+    for name in sys.argv[1:] or CASES:
+        out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{name:28s} P = {r['P (millions)']:.1f}M  extra peak = {r['extra peak / P']:.2f} P")
 
