@@ -214,12 +214,15 @@ def _holdout_loss(ev: Evaluator, tensors: list[torch.Tensor], holdout: Sequence[
 def _reduce_step(loss: torch.Tensor | None, params: Sequence[torch.Tensor], grads: Sequence[Any]) -> float:
     """Distributed trial step: average the gradients over ranks in place (as DDP does) and
     return the mean loss, in one all-reduce; a rank whose loss failed (``None``) makes it ``inf``."""
+    dtype = torch.float32  # at least: half-precision sums over ranks would lose the gradient's low bits
+    for p in params:
+        dtype = torch.promote_types(dtype, p.dtype)
     flat = [
-        (torch.zeros_like(p) if g is None or loss is None else g).detach().reshape(-1).double()
+        (torch.zeros_like(p) if g is None or loss is None else g).detach().reshape(-1).to(dtype)
         for p, g in zip(params, grads, strict=True)
     ]
     v = math.inf if loss is None else float(loss.detach())
-    both = dist.all_reduce_mean(torch.cat([*flat, torch.tensor([v], dtype=torch.float64, device=flat[0].device)]))
+    both = dist.all_reduce_mean(torch.cat([*flat, torch.tensor([v], dtype=dtype, device=flat[0].device)]))
     pos = 0
     for p in params:
         n = p.numel()
