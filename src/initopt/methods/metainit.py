@@ -91,11 +91,12 @@ class MetaInitConfig:
         steps: iterations.
         eps: :math:`\\epsilon` of the gradient quotient.
         mode: ``"eval"`` (the paper) or ``"train"`` (BatchNorm on batch statistics).
-        source: ``"noise"``: fresh N(0, 1) inputs and uniform labels at every step, shaped
-            after the first batch (``(inputs, integer targets)`` batches only); ``"batches"``:
-            the user's batches. (Not named ``data``: that is :func:`initopt.initialize_`'s
-            argument.)
-        input_shape: noise mode: shape of one input example (``None``: as in the first batch).
+        source: ``"noise"``: a fresh random batch at every step, shaped after the first batch
+            (N(0, 1) floats, uniform token ids and labels, masks kept; :class:`NoiseSource`);
+            ``"batches"``: the user's batches. (Not named ``data``: that is
+            :func:`initopt.initialize_`'s argument.)
+        input_shape: noise mode, tuple batches: shape of one input example (``None``: as in
+            the first batch).
         num_classes: noise mode: number of classes (``None``: last dimension of the model's
             output on the first batch).
         batch_size: noise mode: examples per step (``None``: as in the first batch).
