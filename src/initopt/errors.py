@@ -26,3 +26,8 @@ class LossError(InitOptError, ValueError):
 
 class ModelError(InitOptError, ValueError):
     """The model cannot be initialized (for example: it has no trainable parameters)."""
+
+
+class PrecisionError(InitOptError, RuntimeError):
+    """A half-precision (bfloat16/float16) model cannot be searched: a kernel it needs fails in
+    that dtype (no double backward), or the model casts to that dtype inside its forward."""
