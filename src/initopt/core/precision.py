@@ -63,7 +63,8 @@ def precision_error(e: BaseException, model: nn.Module, where: str) -> Precision
         f"{where} failed in {dtype}: {type(e).__name__}: {msg.strip()[:400]}. initopt searches {dtype} models "
         "on float32 copies of their tensors; this model or one of its kernels still computes in "
         f"{dtype} (it casts inside its forward, or a kernel has no {dtype} (double) backward). Search a "
-        "float32 copy and fold its scales in: ref = copy.deepcopy(model).float(); "
+        f"float32 copy (without casts to {dtype} in its forward) and fold its scales in: "
+        "ref = copy.deepcopy(model).float(); "
         "result = initopt.initialize_(ref, data, ...); initopt.apply_scales_(model, result.scales)"
     )
 
