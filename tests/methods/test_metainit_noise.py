@@ -300,3 +300,19 @@ def test_metainit_defaults_on_a_tiny_gpt2():
     assert len(r.history) == 500 and time.perf_counter() - t0 < 60
     after = _held_out_gq(model, held)
     assert after < 0.2 * before, (before, after)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit"])
+def test_metainit_noise_on_bfloat16_hugging_face_models_equals_their_float32_copy(name):
+    """Half-precision models are searched on float32 copies (docs/mixed-precision.md); the noise
+    (float entries drawn in float32) is the same as for the float32 copy."""
+    torch.manual_seed(0)
+    model, batches, _ = _hf(name, small=True)
+    half = model.to(torch.bfloat16)
+    ref = copy.deepcopy(half).float()
+    hb = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    rb = [{k: v.float() if v.is_floating_point() else v for k, v in b.items()} for b in hb]
+    r = initopt.initialize_(half, hb, "metainit", steps=10, progress=False)
+    rr = initopt.initialize_(ref, rb, "metainit", steps=10, progress=False)
+    assert r.scales == rr.scales and r.history == rr.history
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
