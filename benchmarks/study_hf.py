@@ -191,8 +191,16 @@ def evaluate(model: torch.nn.Module, test: list[dict], causal: bool) -> tuple[fl
     return total / n, correct / n
 
 
+QUICK_INIT: dict[str, dict[str, Any]] = {
+    "gradinit": {"steps": 2},
+    "metainit": {"steps": 2},
+    "nio": {"steps": 2},
+    "auto": {"steps": 2, "trial_steps": 3, "max_trial_steps": 3, "holdout": 1},
+}
+
+
 def run_one(
-    task: dict[str, Any], init: str, seed: int, steps: int, init_batches: int, init_steps: int | None = None
+    task: dict[str, Any], init: str, seed: int, steps: int, init_batches: int, quick: bool = False
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = task["make"]()
@@ -204,8 +212,8 @@ def run_one(
     t0 = time.perf_counter()
     if init != "default":
         kw: dict[str, Any] = {"seed": seed, "progress": False}
-        if init_steps is not None and init in ("gradinit", "metainit", "nio", "auto"):
-            kw["steps"] = init_steps
+        if quick:
+            kw.update(QUICK_INIT.get(init, {}))
         if init == "auto":
             kw["optimizer"] = opt
         try:
@@ -227,7 +235,7 @@ def run_one(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break
     rec["step_seconds"] = (time.perf_counter() - t1) / max(len(losses), 1)
@@ -286,7 +294,7 @@ def main(argv: list[str] | None = None) -> Path:
         configs[name] = task["config"]
         for init in inits:
             for seed in seeds:
-                r = run_one(task, init, seed, steps, 2 if args.quick else 8, 2 if args.quick else None)
+                r = run_one(task, init, seed, steps, 3 if args.quick else 8, args.quick)
                 r["task"] = name
                 runs.append(r)
                 shown = r.get("error") or (
@@ -336,7 +344,7 @@ def main(argv: list[str] | None = None) -> Path:
             "steps": steps,
             "optimizer": "AdamW(lr=1e-3, weight_decay=0.01)",
             "batch_size": 32,
-            "init_batches": 2 if args.quick else 8,
+            "init_batches": 3 if args.quick else 8,
             "quick": args.quick,
             "models": configs,
         },
