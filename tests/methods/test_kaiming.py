@@ -98,15 +98,42 @@ def test_idempotent_and_more_steps_change_nothing():
     assert math.isfinite(r1.before["loss"]) and math.isfinite(r1.after["loss"])
 
 
+class PlainAttention(nn.Module):
+    """Attention with no residual connection: every projection is a link of a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.ff = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        a, _ = self.attn(h, h, h)
+        return self.head(torch.relu(self.ff(a)).mean(1))
+
+
 def test_attention_and_tied_models():
     torch.manual_seed(0)
-    model = zoo.post_ln_transformer(d_model=16, nhead=2)
+    model = PlainAttention().double()
     tokens = torch.randint(0, 32, (4, 12))
-    res = initopt.initialize_(model.double(), (tokens, torch.randint(0, 4, (4,))), "kaiming", gain=1.0)
-    w = model.encoder.layers[0].self_attn.in_proj_weight
+    res = initopt.initialize_(model, (tokens, torch.randint(0, 4, (4,))), "kaiming", gain=1.0)
+    w = model.attn.in_proj_weight
     assert w.shape == (48, 16) and _rms(w) == pytest.approx(1 / 4, rel=1e-12)  # fan_in = d_model
-    assert _rms(model.encoder.layers[1].self_attn.out_proj.weight) == pytest.approx(1 / 4, rel=1e-12)
-    assert _rms(model.encoder.layers[0].linear2.weight) == pytest.approx(1 / math.sqrt(32), rel=1e-12)
+    assert _rms(model.attn.out_proj.weight) == pytest.approx(1 / 4, rel=1e-12)
+    assert res.scales["embed.weight"] == 1.0
+
+    # a post-LN Transformer: every projection sits in a residual branch and keeps its scale
+    torch.manual_seed(0)
+    model = zoo.post_ln_transformer(d_model=16, nhead=2)
+    res = initopt.initialize_(model.double(), (tokens, torch.randint(0, 4, (4,))), "kaiming", gain=1.0)
+    skipped = {h["param"]: h["skipped"] for h in res.history if "skipped" in h}
+    for layer in range(2):
+        for name in ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"):
+            key = f"encoder.layers.{layer}.{name}"
+            assert res.scales[key] == 1.0 and "summed" in skipped[key]
+    assert _rms(model.head.weight) == pytest.approx(1 / 4, rel=1e-12)
     assert res.scales["pos"] == 1.0 and res.scales["embed.weight"] == 1.0
 
     torch.manual_seed(0)
@@ -114,7 +141,7 @@ def test_attention_and_tied_models():
     ids = torch.randint(0, 32, (4, 10))
     res = initopt.initialize_(lm, {"input_ids": ids, "labels": ids}, "kaiming")
     assert res.scales["embed.weight"] == 1.0  # the head is tied to the embedding
-    assert _rms(lm.mix[0].weight) == pytest.approx(math.sqrt(2 / 16), rel=1e-6)
+    assert res.scales["mix.0.weight"] == 1.0 and res.scales["mix.2.weight"] == 1.0  # h + mix(h)
 
 
 def test_fans_follow_torch_nn_init():

@@ -114,9 +114,39 @@ def test_other_target_and_tighter_tolerance_on_the_first_batch(name):
         assert abs(v - 2.0) < 1e-3, (layer, v)
 
 
-def test_attention_projections_are_set():
+class PlainAttention(nn.Module):
+    """Attention with no residual connection: every projection is a link of a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.ff = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        a, _ = self.attn(h, h, h)
+        return self.head(torch.relu(self.ff(a)).mean(1))
+
+
+def test_residual_branches_keep_their_scale():
     torch.manual_seed(0)
     model = zoo.post_ln_transformer(dropout=0.0).double()
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randint(0, 32, (8, 12), generator=g), torch.randint(0, 4, (8,), generator=g))
+    res = initopt.initialize_(model, batch, "lsuv")
+    skipped = {h["param"]: h["skipped"] for h in res.history if "skipped" in h}
+    branch = [k for k in res.scales if k.startswith("encoder.layers.") and k.endswith("weight") and "norm" not in k]
+    assert len(branch) == 8
+    for k in branch:
+        assert res.scales[k] == 1.0 and "summed" in skipped[k], k
+    assert res.scales["head.weight"] != 1.0
+
+
+def test_attention_projections_are_set():
+    torch.manual_seed(0)
+    model = PlainAttention().double()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 32, (8, 12), generator=g)
     batch = (tokens, torch.randint(0, 4, (8,), generator=g))
@@ -148,12 +178,12 @@ def test_attention_projections_are_set():
         model(tokens)
     for h in handles:
         h.remove()
-    assert len(seen) == 2 * 4 + 1
+    assert set(seen) == {"attn.in_proj_weight", "attn.out_proj.weight", "ff.weight", "head.weight"}
     for layer, v in seen.items():
         assert abs(v - 1.0) < 0.01, (layer, v)
         assert res.scales[layer] != 1.0
     skipped = {h["param"]: h["skipped"] for h in res.history if "skipped" in h}
-    assert set(skipped) == {"pos", "embed.weight"}
+    assert set(skipped) == {"embed.weight"}
     assert "F.embedding" in skipped["embed.weight"]
 
 
@@ -165,7 +195,7 @@ def test_tied_output_layer_is_left_alone():
     assert res.scales["embed.weight"] == 1.0
     notes = [h for h in res.history if h.get("param") == "embed.weight"]
     assert notes and "also used by F.embedding" in notes[0]["skipped"]
-    assert res.scales["mix.0.weight"] != 1.0 and res.scales["mix.2.weight"] != 1.0
+    assert res.scales["mix.0.weight"] == 1.0 and res.scales["mix.2.weight"] == 1.0  # h + mix(h): a residual branch
 
 
 def test_zero_output_variance_is_left_at_one_with_a_note():

@@ -16,6 +16,17 @@ alone. Metadata reads (``w.shape``, ``w.device``, ``w.dim()``) are ignored.
 With ``measure=True`` the recorder also accumulates, per weight, the mean and variance of
 every output element of its affine calls (float64, pooled over repeated calls), which is
 what LSUV sets.
+
+With ``flow=True`` it also follows the data flow of the pass to find the layers whose output
+is *summed with another path*: a layer is one when its output reaches exactly one operand of
+an addition :math:`a + b` of two data tensors of the same shape. That is every layer of a
+residual branch :math:`y = x + f(x)` (pre- and post-LN Transformers, ResNet blocks, the
+projection shortcut of a ResNet block, the cross-attention of a decoder) and of parallel
+branches that are summed, but not a bias or a broadcast table (position embeddings, attention
+masks), not a sum of losses, and not an activation that adds two functions of the layer's own
+output (``x + 0.044715 x^3`` in GELU). Data is the batch and what is computed from it, never
+parameters, buffers or constants alone. The variance rules (He/Kaiming, LSUV, the Hessian rule)
+are derived for a chain of layers; they leave such layers alone (:meth:`AffineTrace.note`).
 """
 
 from __future__ import annotations
@@ -118,6 +129,7 @@ class AffineTrace:
 
     uses: dict[int, AffineUse]
     order: list[int]
+    branch: dict[int, str] = field(default_factory=dict)
 
     def note(self, index: int) -> str | None:
         """Why tensor ``index`` is not an affine weight that can be rescaled on its own (``None``: it is)."""
@@ -132,14 +144,95 @@ class AffineTrace:
             return f"not the weight of an affine layer (used by {others})"
         if use.other:
             return f"an affine weight that is also used by {others} (e.g. tied to an embedding)"
-        return None
+        return self.branch.get(index)
+
+
+_ADD = {
+    torch.Tensor.__add__,
+    torch.Tensor.__radd__,
+    torch.Tensor.__iadd__,
+    torch.Tensor.add,
+    torch.Tensor.add_,
+    torch.add,
+}
+# functions whose output takes only the shape, dtype or device of their tensor arguments
+_NO_DATA = {
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+    torch.rand_like,
+    torch.randn_like,
+    torch.randint_like,
+    torch.Tensor.new_zeros,
+    torch.Tensor.new_ones,
+    torch.Tensor.new_empty,
+    torch.Tensor.new_full,
+    torch.Tensor.new_tensor,
+}
+
+
+class _Flow:
+    """Data flow of one forward pass: which tensors are data (the batch and what is computed
+    from it) and, per tensor, the affine layers whose output it derives from (``deps``, a bit
+    set over watched indices). Tensors are kept alive for the pass, so their ``id`` is not
+    reused."""
+
+    def __init__(self, roots: Sequence[torch.Tensor]) -> None:
+        self.data: set[int] = set()
+        self.deps: dict[int, int] = {}
+        self.keep: list[torch.Tensor] = []
+        self.branch: dict[int, str] = {}
+        for t in roots:
+            self._set(t, True, 0)
+
+    def _set(self, t: torch.Tensor, data: bool, deps: int) -> None:
+        if data:
+            self.data.add(id(t))
+        self.deps[id(t)] = deps
+        self.keep.append(t)
+
+    def op(self, func: Any, ins: list[torch.Tensor], outs: list[torch.Tensor], layers: Sequence[int] = ()) -> None:
+        if func in _NO_DATA:
+            return
+        data = any(id(t) in self.data for t in ins)
+        deps = 0
+        for t in ins:
+            deps |= self.deps.get(id(t), 0)
+        if func in _ADD and len(ins) >= 2:
+            self._merge(ins[0], ins[1], func)
+        for layer in layers:
+            deps |= 1 << layer
+        if not data and not deps:
+            return  # parameters, buffers and constants: not data
+        if func is torch.Tensor.__setitem__ or (not outs and ins):
+            outs = ins[:1]  # in place, returning nothing: the first argument changed
+        for o in outs:
+            self._set(o, data, deps)
+
+    def _merge(self, a: torch.Tensor, b: torch.Tensor, func: Any) -> None:
+        if a.ndim == 0 or a.shape != b.shape or id(a) not in self.data or id(b) not in self.data:
+            return  # a bias, a broadcast table or mask, a sum of losses: not two paths of the network
+        da, db = self.deps.get(id(a), 0), self.deps.get(id(b), 0)
+        only = (da & ~db) | (db & ~da)
+        i = 0
+        while only:
+            if only & 1 and i not in self.branch:
+                self.branch[i] = (
+                    f"its output is summed ({fname(func)}) with another path of the network that it does not "
+                    "feed (a residual connection or parallel branches); the variance rules assume a chain of "
+                    "layers, so it keeps its scale"
+                )
+            only >>= 1
+            i += 1
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, watch: dict[int, int], measure: bool) -> None:
+    def __init__(self, watch: dict[int, int], measure: bool, flow: _Flow | None = None) -> None:
         super().__init__()
         self.watch = watch
         self.measure = measure
+        self.flow = flow
         self.uses: dict[int, AffineUse] = {}
         self.order: list[int] = []
 
@@ -179,16 +272,32 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is _MHA:
             self._attention(args, kwargs, out)
+            layers = [self.watch[id(w)] for w in (self._mha_weights(args, kwargs)) if id(w) in self.watch]
+            self._follow(func, args, kwargs, out, layers)
             return out
         kind = _AFFINE.get(func)
         if kind is not None and isinstance(out, torch.Tensor):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             skip = {id(weight)} if self._affine(weight, kind, [out]) else set()
             self._others(func, tensors_in(list(args) + list(kwargs.values())), skip)
+            self._follow(func, args, kwargs, out, [self.watch[id(weight)]] if skip else [])
             return out
         if tensors_in(out):
             self._others(func, tensors_in(list(args) + list(kwargs.values())), set())
+        self._follow(func, args, kwargs, out, [])
         return out
+
+    def _follow(self, func: Any, args: tuple, kwargs: dict, out: Any, layers: Sequence[int]) -> None:
+        if self.flow is not None:
+            self.flow.op(func, tensors_in(list(args) + list(kwargs.values())), tensors_in(out), layers)
+
+    @staticmethod
+    def _mha_weights(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        try:
+            a = _MHA_SIG.bind(*args, **kwargs).arguments
+        except TypeError:  # pragma: no cover - a future signature
+            return []
+        return [w for w in (a.get("in_proj_weight"), a.get("out_proj_weight")) if isinstance(w, torch.Tensor)]
 
     def _attention(self, args: tuple, kwargs: dict, out: Any) -> None:
         """``F.multi_head_attention_forward``: the packed input projection and the output projection."""
@@ -232,18 +341,22 @@ def record_affine(
     batch: Batch,
     *,
     measure: bool = True,
+    flow: bool = False,
 ) -> tuple[AffineTrace, torch.Tensor]:
     """Run the model and its loss once at ``tensors`` (one per block) and record the affine calls.
 
     Every tensor of ``tensors`` with two or more dimensions is watched. Runs under
     ``torch.no_grad``; with ``measure=True`` the output statistics of every affine call of a
-    watched tensor are pooled (:class:`AffineUse`).
+    watched tensor are pooled (:class:`AffineUse`); with ``flow=True`` the layers inside a
+    residual branch are found (:attr:`AffineTrace.branch`; this keeps every tensor of the pass
+    alive until it ends).
 
     Returns:
         The trace and the loss.
     """
     watch = {id(t): i for i, t in enumerate(tensors) if t.ndim >= 2}
-    rec = _Recorder(watch, measure)
+    follow = _Flow(tensors_in(batch)) if flow else None
+    rec = _Recorder(watch, measure, follow)
     with torch.no_grad(), rec:
         loss = evaluator.loss(list(tensors), batch)
-    return AffineTrace(rec.uses, rec.order), loss
+    return AffineTrace(rec.uses, rec.order, follow.branch if follow is not None else {}), loss

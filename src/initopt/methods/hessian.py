@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from initopt.core.affine import fname, tensors_in
+from initopt.core.affine import fname, record_affine, tensors_in
 from initopt.core.batches import Batch
 from initopt.core.blocks import ScaleSpace
 from initopt.core.curvature import HessianOperator, hutchpp, top_eigenvalues
@@ -479,7 +479,10 @@ def trace_layers(
     ends the search (composed with any scalar factors before it). An output that reaches the
     next layer, the model output or the loss with no nonlinearity has the identity. Anything
     else first (a norm layer, a residual addition, pooling, a second use) leaves the activation
-    undetermined, with ``LayerInfo.note`` saying what was found.
+    undetermined, with ``LayerInfo.note`` saying what was found. A layer whose output is summed
+    with another path of the network (every layer of a residual branch, found by
+    :func:`~initopt.core.affine.record_affine` with ``flow=True``) gets a note too: the rule's
+    recursion is for a chain of layers.
 
     Returns the layers in call order and the loss of the pass.
     """
@@ -530,8 +533,11 @@ def trace_layers(
     finally:
         for h in handles:
             h.remove()
+    summed = record_affine(evaluator, list(tensors), batch, measure=False, flow=True)[0].branch
     for info in order:
         chains = [c for c in rec.chains if c.layer is info]
+        if info.note is None and info.block is not None and info.block in summed:
+            info.note = summed[info.block]
         if info.note is not None:
             continue
         if info.calls > 1:

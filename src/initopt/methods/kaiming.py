@@ -25,7 +25,9 @@ Which tensors: the weights of affine layers, i.e. tensors used as ``weight`` of 
 ``F.conv1d/2d/3d`` or as the input/output projection of ``F.multi_head_attention_forward``,
 found on one recorded forward pass of the first batch (:mod:`initopt.core.affine`), never by
 names. Embedding tables (and output layers tied to them), position tables, 1-D tensors
-(biases, norm gains) and weights of norm 0 keep scale 1; the ≥2-D ones are listed in the
+(biases, norm gains), weights of norm 0 and layers whose output is summed with another path
+of the network (a residual branch, parallel branches: He's derivation is for a chain of
+layers; see :mod:`initopt.core.affine`) keep scale 1; the ≥2-D ones are listed in the
 history with the reason. No data is used beyond that one pass; the loss before and after is
 recorded on the first batch.
 """
@@ -119,7 +121,7 @@ class Kaiming(Method):
         if steps == 0:
             return Outcome(alpha=alpha, history=history)
         batch = problem.batches.first
-        trace, loss0 = record_affine(problem.evaluator, space.scaled(alpha), batch, measure=False)
+        trace, loss0 = record_affine(problem.evaluator, space.scaled(alpha), batch, measure=False, flow=True)
         for i, b in enumerate(space.blocks):
             w = b.param
             if w.ndim < 2:

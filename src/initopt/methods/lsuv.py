@@ -29,9 +29,12 @@ packed input and the output projection of ``F.multi_head_attention_forward`` (se
 :mod:`initopt.core.affine`), found on one recorded forward pass of the first batch, never by
 names or module types. Left at scale 1, with a note in the history: weights also used by a
 non-affine function (an output layer tied to an embedding, ``F.embedding``, position tables),
-weights not seen in an affine call, weights of norm 0, and layers whose output variance is 0
-or not finite. BatchNorm after a convolution does not matter: the convolution's own output
-(before the normalization) is what is measured and set, which is LSUV's definition; the
+weights not seen in an affine call, weights of norm 0, layers whose output is summed with
+another path of the network (a residual branch or parallel branches, see
+:mod:`initopt.core.affine`: unit variance of a branch is not what the paper's chain of layers
+asks for) and layers whose output variance is 0 or not finite. BatchNorm after a convolution
+does not matter: the convolution's own output (before the normalization) is what is
+measured and set, which is LSUV's definition; the
 search runs in training mode with dropout off, so BatchNorm uses batch statistics and its
 running buffers stay untouched.
 """
@@ -104,11 +107,11 @@ class LSUV(Method):
             return Outcome(alpha=alpha, history=history)
         batch = problem.batches.first
 
-        def measure() -> tuple[AffineTrace, float]:
-            trace, loss = record_affine(problem.evaluator, space.scaled(alpha), batch)
+        def measure(flow: bool = False) -> tuple[AffineTrace, float]:
+            trace, loss = record_affine(problem.evaluator, space.scaled(alpha), batch, flow=flow)
             return trace, float(loss)
 
-        trace, loss = measure()
+        trace, loss = measure(flow=True)
         for i, b in enumerate(space.blocks):
             if b.param.ndim < 2:
                 continue
