@@ -176,7 +176,7 @@ def test_half_kernels_that_fail_are_a_precision_error_naming_the_dtype(method):
     net = _HalfKernelNet()
     before = snapshot(net)
     kw = {"num_splits": 2} if method == "nio" else {}
-    with pytest.raises(initopt.PrecisionError, match=r"float16.*tanh_backward_backward.*float32"):
+    with pytest.raises(initopt.PrecisionError, match=r"float16.*tanh_backward_backward.*in float32"):
         initopt.initialize_(net, (torch.randn(8, 4), torch.randint(0, 3, (8,))), method, steps=2, progress=False, **kw)
     assert_same(before, snapshot(net))
     assert issubclass(initopt.PrecisionError, initopt.InitOptError)
@@ -195,3 +195,9 @@ def test_the_suggested_workaround_runs():
     assert half.lin.weight.dtype == torch.bfloat16
     assert torch.equal(half.lin.weight, ref.lin.weight.to(torch.bfloat16))
     assert F.mse_loss(half.lin.bias.float(), ref.lin.bias).item() < 1e-4
+
+
+def test_a_float32_model_given_half_precision_data_is_a_data_error_as_before():
+    net = nn.Linear(4, 3)
+    with pytest.raises(initopt.DataError, match="could not take the first batch"):
+        initopt.initialize_(net, (torch.randn(8, 4).half(), torch.randint(0, 3, (8,))), "gradinit", steps=1)

@@ -40,7 +40,7 @@ def _validate(evaluator: Evaluator, batch: Any) -> None:
         raise
     except Exception as e:
         pe = precision_error(e, evaluator.model, "the forward pass on the first batch")
-        if pe is not None:
+        if pe is not None and evaluator.space.upcast:  # a float32 model that fails on half data: a DataError
             raise pe from e
         raise DataError(f"the model could not take the first batch {_describe(batch)}: {type(e).__name__}: {e}") from e
     check_loss(loss, "the first batch")

@@ -58,14 +58,21 @@ def precision_error(e: BaseException, model: nn.Module, where: str) -> Precision
     named = [dt for name, dt in _NAMES.items() if f"'{name}'" in msg or f" {name}" in msg or f"torch.{name}" in msg]
     if not named:
         return None
-    dtype = str((half_dtypes(model) or named)[0]).replace("torch.", "")
+    own = half_dtypes(model)
+    dtype = str((own or named)[0]).replace("torch.", "")
+    head = f"{where} failed in {dtype}: {type(e).__name__}: {msg.strip()[:400]}. "
+    if not own:
+        return PrecisionError(
+            head + f"The model's tensors are not {dtype}, but it computes in {dtype} somewhere (a cast or an "
+            f"autocast region inside its forward), where a kernel has no {dtype} (double) backward; run the "
+            "search without that cast (in float32) and use the scales for the model as it is"
+        )
     return PrecisionError(
-        f"{where} failed in {dtype}: {type(e).__name__}: {msg.strip()[:400]}. initopt searches {dtype} models "
-        "on float32 copies of their tensors; this model or one of its kernels still computes in "
-        f"{dtype} (it casts inside its forward, or a kernel has no {dtype} (double) backward). Search a "
-        f"float32 copy (without casts to {dtype} in its forward) and fold its scales in: "
-        "ref = copy.deepcopy(model).float(); "
-        "result = initopt.initialize_(ref, data, ...); initopt.apply_scales_(model, result.scales)"
+        head + f"initopt searches {dtype} models on float32 copies of their tensors; this model or one of its "
+        f"kernels still computes in {dtype} (it casts inside its forward, or a kernel has no {dtype} (double) "
+        f"backward). Search a float32 copy (without casts to {dtype} in its forward) and fold its scales in: "
+        "ref = copy.deepcopy(model).float(); result = initopt.initialize_(ref, data, ...); "
+        "initopt.apply_scales_(model, result.scales)"
     )
 
 
