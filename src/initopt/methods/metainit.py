@@ -18,7 +18,8 @@ through its norm :math:`\\rho_j = \\|W_j\\|`, by sign-SGD with momentum on the s
     \\rho_j \\leftarrow \\max(\\rho_j + m_j,\\; \\rho_{\\min,j}),
 
 in absolute norm units, on fresh :math:`\\mathcal N(0, 1)` inputs and uniform random labels
-at every step, with the model in eval mode. The norm is kept as a scale
+at every step (token ids uniform over the vocabulary of the embedding that reads them, masks
+kept: :class:`NoiseSource`), with the model in eval mode. The norm is kept as a scale
 :math:`\\alpha_j = \\rho_j/\\rho_j^0` (so :math:`\\partial\\mathrm{GQ}/\\partial\\rho_j =
 (\\partial\\mathrm{GQ}/\\partial\\alpha_j)/\\rho_j^0`) and folded in by
 :func:`initopt.apply_scales_`; untuned tensors keep scale 1 but count in GQ. The floor
