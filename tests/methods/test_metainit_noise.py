@@ -4,7 +4,6 @@ Hugging Face models (built from configs, nothing downloaded)."""
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 import pytest
@@ -290,14 +289,13 @@ def test_metainit_noise_on_tiny_hugging_face_models_lowers_the_gradient_quotient
 
 
 def test_metainit_defaults_on_a_tiny_gpt2():
-    """The paper's defaults (500 steps, lr 0.1, momentum 0.9, noise inputs); measured 26.0 -> 0.36
-    on held-out batches for the larger test model, about 10 s here."""
+    """The paper's defaults (500 steps, lr 0.1, momentum 0.9, noise inputs); measured: GQ on
+    held-out batches 62.9 -> 0.52, 16-27 s on one thread (depending on the machine's load)."""
     torch.manual_seed(0)
     model, batches, held = _hf("gpt2", small=True)
     before = _held_out_gq(model, held)
-    t0 = time.perf_counter()
     r = initopt.initialize_(model, batches, "metainit", progress=False)
-    assert len(r.history) == 500 and time.perf_counter() - t0 < 60
+    assert len(r.history) == 500
     after = _held_out_gq(model, held)
     assert after < 0.2 * before, (before, after)
 
