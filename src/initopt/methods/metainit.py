@@ -64,6 +64,7 @@ from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.core.optim import RescaleAdam
+from initopt.core.precision import HALF
 from initopt.core.progress import Progress
 from initopt.core.quotient import gradient_and_hvp, gradient_quotient, quotient_sums
 from initopt.errors import ConfigError, LossError
@@ -179,13 +180,10 @@ def _noise_error(what: str) -> ConfigError:
     )
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _noise_dtype(t: torch.Tensor) -> torch.dtype:
     """Dtype of drawn N(0, 1) noise for an entry like ``t``: half precision draws in float32
-    (the search evaluates half-precision models in float32, :mod:`initopt.core.blocks`)."""
-    return torch.float32 if t.dtype in _HALF else t.dtype
+    (the search evaluates half-precision models in float32, :mod:`initopt.core.precision`)."""
+    return torch.float32 if t.dtype in HALF else t.dtype
 
 
 def _binary(t: torch.Tensor) -> bool:
@@ -281,6 +279,8 @@ class NoiseSource:
     # -- plans: one (key, how, args) per entry ---------------------------------------------
 
     def classes(self, entry: str) -> int:
+        """Number of classes of integer labels (``num_classes``, or read once from the logits);
+        ``entry`` names the labels in the error when it cannot be read."""
         if self._classes is None:
             try:
                 self._classes = MetaInit.infer_classes(self.ev, self.sample)
