@@ -45,7 +45,7 @@ from torch import nn
 
 from initopt.errors import ConfigError, DataError, LossError
 from initopt.integrations import require
-from initopt.integrations.loop import DEFAULT_BATCHES, take_batches, training_optimizer
+from initopt.integrations.loop import DEFAULT_BATCHES, take_batches, training_optimizer, uses_optimizer
 from initopt.result import InitResult
 
 pl = require("lightning.pytorch", integration="lightning", extra="lightning", alternatives=("pytorch_lightning",))
@@ -237,7 +237,7 @@ class InitOptCallback(pl.Callback):
     def _optimizer(self, trainer: Any) -> Any:
         if self.optimizer is not _FROM_TRAINER:
             return self.optimizer
-        if not _uses_optimizer(self.method):
+        if not uses_optimizer(self.method):
             return None
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         if len(optimizers) != 1:
@@ -261,19 +261,3 @@ class InitOptCallback(pl.Callback):
             from initopt.saved import save_scales
 
             save_scales(result, self.scales_path, model=trainer.lightning_module)
-
-
-def _uses_optimizer(method: Any) -> bool:
-    """Whether any stage of ``method`` models a training step (and so takes ``optimizer=``)."""
-    from initopt.methods.base import Method, get_method
-
-    stages = method if isinstance(method, list) else [method]
-    for stage in stages:
-        if isinstance(stage, tuple):
-            stage = stage[0]
-        if isinstance(stage, Method):
-            if stage.uses_optimizer:
-                return True
-        elif isinstance(stage, str) and getattr(get_method(stage), "uses_optimizer", False):
-            return True
-    return False

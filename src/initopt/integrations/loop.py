@@ -29,7 +29,7 @@ from torch import nn
 from initopt.errors import ConfigError, DataError
 from initopt.result import InitResult
 
-__all__ = ["initialize_from_loader_", "take_batches", "training_optimizer"]
+__all__ = ["initialize_from_loader_", "take_batches", "training_optimizer", "uses_optimizer"]
 
 DEFAULT_BATCHES = 8
 
@@ -112,6 +112,22 @@ def training_optimizer(optimizer: Any) -> Any:
             stacklevel=2,
         )
         return optimizer
+
+
+def uses_optimizer(method: Any) -> bool:
+    """Whether any stage of ``method`` models a training step (and so takes ``optimizer=``)."""
+    from initopt.methods.base import Method, get_method
+
+    stages = method if isinstance(method, list) else [method]
+    for stage in stages:
+        if isinstance(stage, tuple):
+            stage = stage[0]
+        if isinstance(stage, Method):
+            if stage.uses_optimizer:
+                return True
+        elif isinstance(stage, str) and getattr(get_method(stage), "uses_optimizer", False):
+            return True
+    return False
 
 
 def initialize_from_loader_(
