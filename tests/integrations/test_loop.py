@@ -151,3 +151,12 @@ def test_optional_imports():
     r = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_the_loaders_own_generator_is_restored():
+    loader = DataLoader(_data(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(7))
+    state = loader.generator.get_state()
+    plain = _epoch_targets(loader)
+    loader.generator.set_state(state)
+    take_batches(loader, 3)
+    assert all(torch.equal(a, b) for a, b in zip(plain, _epoch_targets(loader), strict=True))

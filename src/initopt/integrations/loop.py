@@ -39,8 +39,10 @@ def take_batches(loader: Iterable[Any], n: int = DEFAULT_BATCHES) -> list[Any]:
 
     A new iterator is opened with ``iter(loader)``, read ``n`` times and closed (a DataLoader's
     workers are shut down), inside :func:`torch.random.fork_rng`: the draws a shuffling sampler
-    or worker seeding takes from the global RNG are undone, so the training loop that follows
-    sees exactly the epochs it would have seen without this call. Wrappers that keep their own
+    or worker seeding takes from the global RNG are undone, and so are those taken from the
+    loader's own generators (``DataLoader(generator=...)``, its sampler's): the training loop
+    that follows sees exactly the epochs it would have seen without this call (except with
+    ``persistent_workers=True``, whose one iterator is then created here). Wrappers that keep their own
     iteration state (Hugging Face Accelerate's ``DataLoaderShard``) are read through their
     ``base_dataloader``, so that state is untouched. Fewer than ``n`` batches are returned when
     one pass holds fewer.
@@ -57,6 +59,8 @@ def take_batches(loader: Iterable[Any], n: int = DEFAULT_BATCHES) -> list[Any]:
     if not isinstance(source, Iterable) or isinstance(source, (torch.Tensor, dict, str)):
         raise DataError(f"take_batches needs a DataLoader or an iterable of batches, got {type(loader).__name__}")
     batches: list[Any] = []
+    generators = _generators(source)
+    states = [g.get_state() for g in generators]
     with torch.random.fork_rng(devices=[]):
         it = iter(source)
         if it is source:
@@ -75,9 +79,23 @@ def take_batches(loader: Iterable[Any], n: int = DEFAULT_BATCHES) -> list[Any]:
             if callable(shutdown) and not getattr(source, "persistent_workers", False):
                 shutdown()
             del it
+            for g, state in zip(generators, states, strict=True):
+                g.set_state(state)
     if not batches:
         raise DataError(f"the {type(loader).__name__} yielded no batch")
     return batches
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The loader's own RNGs (``DataLoader(generator=...)``, its sampler's), to restore after reading."""
+    found: dict[int, torch.Generator] = {}
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for obj in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator):
+            found[id(g)] = g
+    return list(found.values())
 
 
 def training_optimizer(optimizer: Any) -> Any:
