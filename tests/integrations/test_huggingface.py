@@ -18,7 +18,7 @@ from initopt.integrations.huggingface import (  # noqa: E402
     to_batches,
 )
 
-CONFIG = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+CONFIG = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
 
 
 def _gpt2(seed: int = 0) -> torch.nn.Module:
@@ -142,3 +142,27 @@ def test_trainer_callback(tmp_path):
         assert torch.allclose(snap[k], v, rtol=1e-5, atol=1e-7), k
     assert _tied(model) and trainer.state.global_step == 3
     assert initopt.load_scales(tmp_path / "s.json")["scales"] == cb.result.scales
+
+
+def test_trainer_callback_hook_directly():
+    """on_train_begin as the Trainer calls it (no accelerate needed): runs once, skips resumed runs."""
+    model = _gpt2()
+    ex = to_batches(_examples(16), batch_size=1, labels="input_ids")
+    loader = torch.utils.data.DataLoader(
+        [{k: v[0] for k, v in x.items()} for x in ex], batch_size=4, collate_fn=transformers.default_data_collator
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 10)  # warmup: lr is 0 now
+    cb = InitOptTrainerCallback("gradinit", batches=2, steps=2, verbose=False)
+    state = transformers.TrainerState()
+    cb.on_train_begin(None, state, None, model=model, train_dataloader=loader, optimizer=opt)
+    assert cb.result.info["lookahead"]["groups"][0]["lr"] == 2e-3 and not opt.state
+    first = cb.result
+    cb.on_train_begin(None, state, None, model=model, train_dataloader=loader, optimizer=opt)
+    assert cb.result is first and "already ran" in cb.skipped
+
+    resumed = InitOptTrainerCallback("kaiming", verbose=False)
+    w = copy.deepcopy(model.state_dict())
+    resumed.on_train_begin(None, transformers.TrainerState(global_step=5), None, model=model, train_dataloader=loader)
+    assert resumed.result is None and "resumes at step 5" in resumed.skipped
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in w.items())

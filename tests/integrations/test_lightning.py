@@ -154,6 +154,30 @@ def test_bad_training_step_output_is_a_clear_error(tmp_path):
         _trainer(tmp_path, [cb], max_steps=1).fit(NoLoss(), _loader())
 
 
+def test_manual_optimization_needs_a_loss(tmp_path):
+    class Manual(LitMLP):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = F.cross_entropy(self(batch[0]), batch[1])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    torch.manual_seed(0)
+    module = Manual()
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(initopt.ConfigError, match="manual optimization"):
+        _trainer(tmp_path, [InitOptCallback("kaiming", batches=1, verbose=False)], max_steps=1).fit(module, _loader())
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+    cb = InitOptCallback("kaiming", batches=1, verbose=False, training_step=False)
+    _trainer(tmp_path, [cb], max_steps=1).fit(Manual(), _loader())
+    assert cb.result is not None
+
+
 def test_bad_arguments():
     with pytest.raises(initopt.ConfigError, match="batches"):
         InitOptCallback(batches=0)

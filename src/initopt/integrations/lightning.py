@@ -193,6 +193,11 @@ class InitOptCallback(pl.Callback):
             return
         from initopt.api import initialize_
 
+        if self.training_step and not getattr(pl_module, "automatic_optimization", True):
+            raise ConfigError(
+                "InitOptCallback: the module uses manual optimization, so its training_step steps the optimizers and "
+                "cannot serve as the loss; give loss_fn=/forward_fn= to the callback, or training_step=False"
+            )
         data = self.data if self.data is not None else self._train_batches(trainer)
         if self.training_step:
             loss_fn, forward_fn = _step_loss, _training_step
