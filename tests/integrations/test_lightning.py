@@ -129,6 +129,37 @@ def test_resumed_fit_is_skipped_and_run_once(tmp_path):
     assert cb.skipped is not None and "already ran" in cb.skipped
 
 
+class Recorder(L.loggers.Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[dict] = []
+
+    name = "recorder"
+    version = 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+
+def test_auto_with_the_fits_optimizer_logs_to_the_loggers(tmp_path, caplog):
+    torch.manual_seed(0)
+    module = LitMLP()
+    rec = Recorder()
+    cb = InitOptCallback(batches=6, trial_steps=3, max_trial_steps=3, steps=3)
+    trainer = _trainer(tmp_path, [cb], max_steps=2)
+    trainer.loggers = [rec]
+    with caplog.at_level("INFO"):
+        trainer.fit(module, _loader())
+    assert cb.result.method == "auto" and cb.result.info["optimizer"]["optimizer"] == "SGD"
+    assert not cb.result.info["optimizer"].get("assumed")
+    assert "initopt: method auto" in caplog.text
+    first = rec.metrics[0]
+    assert "initopt/seconds" in first and any(k.startswith("initopt/after/") for k in first)
+
+
 def test_forward_and_default_loss_given_data_and_scales_file(tmp_path):
     torch.manual_seed(0)
     module = LitMLP()
