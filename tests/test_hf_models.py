@@ -209,3 +209,14 @@ def test_every_method_at_its_defaults_on_gpt2(method):
     res = initopt.initialize_(model, batches, method, progress=False, **kw)
     _check_scaled(model, before, res)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_a_collators_batch_encoding_is_a_dict_batch():
+    """A ``BatchEncoding`` (a mapping, not a dict) is taken as one dict batch, as it is."""
+    model, batches = _build("bert")
+    enc = tf.BatchEncoding(batches[0])
+    assert not isinstance(enc, dict)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = initopt.initialize_(model, enc, "gradinit", steps=2, progress=False)
+    _check_scaled(model, before, res)
+    assert initopt.grad_cosine(model, enc, num_splits=2) == initopt.grad_cosine(model, dict(enc), num_splits=2)
