@@ -325,6 +325,45 @@ TABLES: dict[str, Callable[[], str]] = {
 DOC_TABLES: dict[str, Callable[[], str]] = {f"study-{k}-verdicts": study(k, verdicts=True) for k in STUDIES}
 
 
+def hf() -> str:
+    """Every method at its defaults on the Hugging Face models of ``study_hf.py``."""
+    d = _load("study_hf.json")
+    if d is None:
+        return "_no results yet: run `python benchmarks/study_hf.py`_"
+    prov, cfg = d["provenance"], d["config"]
+    head = (
+        f"Held-out loss after {cfg['steps']} steps of {cfg['optimizer']} (batch {cfg['batch_size']}), mean ± std over "
+        f"{len(cfg['seeds'])} seeds, and the paired difference to the model's own init (same draw, same batches); "
+        "verdict on the loss: worse/better when the mean difference clears 0 by two standard errors, else tie. "
+        "Init cost in training steps of the same run. From `benchmarks/results/study_hf.json` (torch "
+        f"{prov['torch']}, transformers {prov['transformers']}, {prov['threads']} thread(s), revision "
+        f"{prov['git_revision'][:8]}, {prov['date'][:10]})."
+    )
+    rows = []
+    for r in d["table"]:
+        if r["test_loss"] is None:
+            rows.append([r["task"], r["init"], f"error ({r['errors']} runs)", "", "", "", ""])
+            continue
+        p = r.get("loss_vs_default") or {}
+        diff = f"{p['mean']:+.4f} ± {p['std']:.4f}" if p.get("n") else "—"
+        rows.append(
+            [
+                r["task"],
+                r["init"],
+                f"{r['test_loss'][0]:.4f} ± {r['test_loss'][1]:.4f}",
+                f"{r['test_acc'][0]:.3f} ± {r['test_acc'][1]:.3f}",
+                diff,
+                r.get("verdict", "—"),
+                f"{r['init_in_train_steps']:.0f}",
+            ]
+        )
+    cols = ["model", "init", "held-out loss", "accuracy", "loss − own init (paired)", "verdict", "init cost"]
+    return "\n".join([head, "", *_md_table(cols, rows)])
+
+
+HF_TABLES: dict[str, Callable[[], str]] = {"study-hf": hf}
+
+
 def render(text: str, tables: dict[str, Callable[[], str]] = TABLES) -> str:
     for key, fn in tables.items():
         pattern = re.compile(rf"(<!-- {re.escape(key)} -->\n)(.*?)(<!-- /{re.escape(key)} -->)", re.S)
@@ -339,7 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
     args = p.parse_args(argv)
     stale = []
-    for path, tables in ((ROOT / "README.md", TABLES), (ROOT / "docs" / "studies.md", DOC_TABLES)):
+    for path, tables in (
+        (ROOT / "README.md", TABLES),
+        (ROOT / "docs" / "studies.md", DOC_TABLES),
+        (ROOT / "docs" / "huggingface.md", HF_TABLES),
+    ):
         old = path.read_text()
         new = render(old, tables)
         if new != old:

@@ -403,3 +403,20 @@ def test_R24_subbatches_the_model_cannot_take():
     _fails_and_keeps(model, [batch, batch], "nio", initopt.DataError, "num_splits")
     res = initopt.initialize_(model, [batch, batch], "auto", **{**SMALL["auto"], "learned": ("nio",)})
     assert "num_splits" in res.info["candidates"][-1]["error"]
+
+
+class _CastsToBFloat16(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x.to(torch.bfloat16))))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_R25_half_precision_kernel_is_a_precision_error(method):
+    torch.manual_seed(0)
+    model = _CastsToBFloat16().to(torch.bfloat16)
+    data = [(x.to(torch.bfloat16), y) for x, y in _data()]
+    _fails_and_keeps(model, data, method, initopt.PrecisionError, r"bfloat16.*float32 copy")

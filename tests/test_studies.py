@@ -91,3 +91,23 @@ def test_study_quick(tmp_path, script):
             again = studies.paired(runs, tuple(q["a"]), tuple(q["b"]), q["key"], q["threads"])
             assert again["diffs"] == pytest.approx(q["diffs"])
     assert out.with_suffix(".png").exists()
+
+
+def test_study_hf_quick(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "study_hf.json"
+    args = [sys.executable, str(ROOT / "benchmarks" / "study_hf.py"), "--quick", "--out", str(out)]
+    subprocess.run(args, check=True, capture_output=True, text=True, timeout=600)
+    d = json.loads(out.read_text())
+    assert d["claim"] and d["provenance"]["transformers"]
+    tasks, inits = d["config"]["tasks"], d["config"]["inits"]
+    assert len(d["table"]) == len(tasks) * len(inits)
+    for row in d["table"]:
+        assert row["errors"] == 0, row  # every method runs on every model
+        if row["init"] != "default":
+            # the paired difference is recomputable from the runs
+            runs = {(r["init"], r["seed"]): r for r in d["runs"] if r["task"] == row["task"]}
+            diffs = [
+                runs[(row["init"], s)]["test_loss"] - runs[("default", s)]["test_loss"] for s in d["config"]["seeds"]
+            ]
+            assert row["loss_vs_default"]["diffs"] == pytest.approx(diffs)

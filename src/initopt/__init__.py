@@ -18,7 +18,15 @@ from initopt.diagnostics.hessian import (
 )
 from initopt.diagnostics.quotient import GradientQuotient, gradient_quotient
 from initopt.diagnostics.report import Report, diagnose
-from initopt.errors import ConfigError, DataError, DistributedError, InitOptError, LossError, ModelError
+from initopt.errors import (
+    ConfigError,
+    DataError,
+    DistributedError,
+    InitOptError,
+    LossError,
+    ModelError,
+    PrecisionError,
+)
 from initopt.methods import (
     LSUV,
     NIO,
@@ -66,6 +74,7 @@ __all__ = [
     "Method",
     "ModelError",
     "NIOConfig",
+    "PrecisionError",
     "Report",
     "apply_scales_",
     "diagnose",

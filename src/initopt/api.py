@@ -16,6 +16,7 @@ from initopt.core import dist
 from initopt.core.batches import BatchSource, Task, _describe, check_loss
 from initopt.core.blocks import apply_scales_
 from initopt.core.functional import Evaluator, search_mode
+from initopt.core.precision import precision_error
 from initopt.core.progress import Progress
 from initopt.core.step import OptimizerSpec, TrainStep
 from initopt.errors import ConfigError, DataError, InitOptError, LossError, ModelError
@@ -39,6 +40,9 @@ def _validate(evaluator: Evaluator, batch: Any) -> None:
     except InitOptError:
         raise
     except Exception as e:
+        pe = precision_error(e, evaluator.model, "the forward pass on the first batch")
+        if pe is not None and evaluator.space.upcast:  # a float32 model that fails on half data: a DataError
+            raise pe from e
         raise DataError(f"the model could not take the first batch {_describe(batch)}: {type(e).__name__}: {e}") from e
     check_loss(loss, "the first batch")
     if not loss.requires_grad:
@@ -84,7 +88,13 @@ def run_method(
         generator = torch.Generator(device=space.device).manual_seed(seed)
         problem = Problem(model, space, evaluator, batches, generator, seed, step)
         with Progress(method.progress_total(steps), desc=method.name, enabled=progress) as bar:
-            outcome = method.search(problem, steps, bar)
+            try:
+                outcome = method.search(problem, steps, bar)
+            except RuntimeError as e:
+                pe = precision_error(e, model, f"{method.name}'s search")
+                if pe is not None:
+                    raise pe from e
+                raise
     seconds = time.perf_counter() - t0
     if dist.active():
         outcome.alpha = dist.agree_(outcome.alpha, method.name)

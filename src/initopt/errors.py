@@ -30,3 +30,8 @@ class ModelError(InitOptError, ValueError):
 
 class DistributedError(InitOptError, RuntimeError):
     """The ranks of a distributed run disagree (different models, seeds or final scales)."""
+
+
+class PrecisionError(InitOptError, RuntimeError):
+    """A half-precision (bfloat16/float16) model cannot be searched: a kernel it needs fails in
+    that dtype (no double backward), or the model casts to that dtype inside its forward."""

@@ -8,7 +8,8 @@ Batches come in three forms:
   ``(N, d1, ...)``), per-token logits with the classes last, ``(N, L, ..., C)`` against
   targets ``(N, L, ...)`` (a Transformer's output), are accepted: the loss is the mean over
   all positions (:func:`class_last`). PyTorch's layout wins where both fit;
-* ``dict``: passed as keyword arguments, ``model(**batch)``; the loss is the model's own
+* ``dict`` (any mapping, e.g. a collator's ``BatchEncoding``; moved batches become plain
+  dicts): passed as keyword arguments, ``model(**batch)``; the loss is the model's own
   (``output.loss`` or ``output["loss"]``) unless a ``loss_fn`` is given;
 * a bare tensor: ``model(batch)``, which needs a ``loss_fn``.
 
@@ -19,7 +20,7 @@ Batches come in three forms:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,7 @@ def class_last(logits: torch.Tensor, targets: torch.Tensor) -> bool:
 
 def is_single_batch(data: Any) -> bool:
     """True when ``data`` is one batch rather than an iterable of batches."""
-    if isinstance(data, (torch.Tensor, dict)):
+    if isinstance(data, (torch.Tensor, Mapping)):
         return True
     if isinstance(data, (tuple, list)):
         return len(data) > 0 and all(isinstance(x, torch.Tensor) for x in data)
@@ -69,7 +70,7 @@ def is_single_batch(data: Any) -> bool:
 def _tensors(batch: Batch) -> list[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         return [batch]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return [v for v in batch.values() if isinstance(v, torch.Tensor)]
     if isinstance(batch, (tuple, list)):
         return [v for v in batch if isinstance(v, torch.Tensor)]
@@ -89,7 +90,7 @@ def batch_size(batch: Batch) -> int:
 def _map(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
     if isinstance(batch, torch.Tensor):
         return fn(batch)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(fn(v) if isinstance(v, torch.Tensor) else v for v in batch)
@@ -120,7 +121,7 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
 
     if isinstance(batch, torch.Tensor):
         return pieces(batch)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         split = {k: pieces(v) if isinstance(v, torch.Tensor) else [v] * parts for k, v in batch.items()}
         return [{k: v[i] for k, v in split.items()} for i in range(parts)]
     cols = [pieces(v) if isinstance(v, torch.Tensor) else [v] * parts for v in batch]
@@ -144,7 +145,7 @@ def concat_batches(batches: list[Batch]) -> Batch:
 
     if isinstance(first, torch.Tensor):
         return torch.cat(batches, dim=0)
-    if isinstance(first, dict):
+    if isinstance(first, Mapping):
         return {k: cat([b[k] for b in batches]) for k in first}
     return type(first)(cat([b[i] for b in batches]) for i in range(len(first)))
 
@@ -155,7 +156,7 @@ def _describe(batch: Batch) -> str:
             return f"Tensor{tuple(x.shape)}:{str(x.dtype).replace('torch.', '')}"
         return type(x).__name__
 
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return "{" + ", ".join(f"{k!r}: {d(v)}" for k, v in batch.items()) + "}"
     if isinstance(batch, (tuple, list)):
         return "(" + ", ".join(d(v) for v in batch) + ")"
@@ -245,7 +246,7 @@ class Task:
     def forward(self, model: Callable[..., Any], batch: Batch) -> Any:
         if self.forward_fn is not None:
             return self.forward_fn(model, batch)  # type: ignore[arg-type]
-        if isinstance(batch, dict):
+        if isinstance(batch, Mapping):
             return model(**batch)
         if isinstance(batch, (tuple, list)):
             return model(batch[0])
@@ -270,7 +271,7 @@ class Task:
             if isinstance(targets, torch.Tensor) and class_last(logits, targets):
                 return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
             return F.cross_entropy(logits, targets)
-        if isinstance(batch, dict):
+        if isinstance(batch, Mapping):
             if hasattr(output, "loss") and output.loss is not None:
                 return output.loss
             if isinstance(output, dict) and "loss" in output:

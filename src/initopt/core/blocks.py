@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from initopt.core.precision import half_dtypes, to_float32
 from initopt.errors import ModelError
 
 __all__ = ["Block", "ScaleSpace", "apply_scales_", "infer_role"]
@@ -130,7 +131,9 @@ class ScaleSpace:
         first = blocks[0].param
         self.device = first.device
         self.dtype = first.dtype if first.dtype in (torch.float64,) else torch.float32
-        self._w0 = [b.param.detach() for b in blocks]
+        # a model with half-precision tensors is searched on float32 copies (core/precision.py)
+        self.upcast = bool(half_dtypes(model))
+        self._w0 = [to_float32(b.param.detach()) for b in blocks]
 
     def rebased(self, alpha: torch.Tensor) -> ScaleSpace:
         """A copy whose initial tensors are :math:`\\alpha_i W_i^0` (new tensors; the model's
@@ -156,7 +159,8 @@ class ScaleSpace:
 
     @property
     def initial(self) -> list[torch.Tensor]:
-        """The initial tensors :math:`W_i^0` (detached views of the user's parameters)."""
+        """The initial tensors :math:`W_i^0` (detached views of the user's parameters; float32
+        copies of half-precision ones)."""
         return self._w0
 
     @property

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from initopt.core.batches import Batch, Task, check_loss
 from initopt.core.blocks import ScaleSpace
+from initopt.core.precision import HALF, batch_to_float32, to_float32
 from initopt.errors import LossError
 
 __all__ = ["Evaluator", "evaluation", "search_mode"]
@@ -125,16 +126,30 @@ class Evaluator:
         self.space = space
         self.task = task
         self._caller = _Caller(model, task)
-        self._buffers = {"m." + n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False)}
+        self.fresh_buffers()
 
     def fresh_buffers(self) -> None:
-        """Reset the buffer copies to the model's current buffers."""
-        self._buffers = {"m." + n: b.detach().clone() for n, b in self.model.named_buffers(remove_duplicate=False)}
+        """Reset the buffer copies to the model's current buffers.
+
+        For a half-precision model (``space.upcast``) the copies are float32, and so are the
+        parameters outside the space, passed as copies too (:mod:`initopt.core.precision`).
+        """
+        named = self.model.named_buffers(remove_duplicate=False)
+        if not self.space.upcast:
+            self._buffers = {"m." + n: b.detach().clone() for n, b in named}
+            return
+        self._buffers = {"m." + n: to_float32(b.detach()).clone() for n, b in named}
+        scaled = {n for b in self.space.blocks for n in b.names}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            if n not in scaled and p.dtype in HALF:
+                self._buffers["m." + n] = p.detach().float()
 
     def output(self, tensors: list[torch.Tensor], batch: Batch) -> Any:
         """Model output with the blocks' tensors replaced by ``tensors``."""
         state = {"m." + k: v for k, v in self.space.as_dict(tensors).items()}
         state.update(self._buffers)
+        if self.space.upcast:
+            batch = batch_to_float32(batch)
         if _DROPOUT_OFF.get():
             with _NoDropout():
                 return torch.func.functional_call(self._caller, state, (batch,), strict=False)

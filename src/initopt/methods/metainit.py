@@ -18,7 +18,8 @@ through its norm :math:`\\rho_j = \\|W_j\\|`, by sign-SGD with momentum on the s
     \\rho_j \\leftarrow \\max(\\rho_j + m_j,\\; \\rho_{\\min,j}),
 
 in absolute norm units, on fresh :math:`\\mathcal N(0, 1)` inputs and uniform random labels
-at every step, with the model in eval mode. The norm is kept as a scale
+at every step (token ids uniform over the vocabulary of the embedding that reads them, masks
+kept: :class:`NoiseSource`), with the model in eval mode. The norm is kept as a scale
 :math:`\\alpha_j = \\rho_j/\\rho_j^0` (so :math:`\\partial\\mathrm{GQ}/\\partial\\rho_j =
 (\\partial\\mathrm{GQ}/\\partial\\alpha_j)/\\rho_j^0`) and folded in by
 :func:`initopt.apply_scales_`; untuned tensors keep scale 1 but count in GQ. The floor
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from initopt.core import dist
 from initopt.core.batches import Batch, batch_size
@@ -63,12 +65,13 @@ from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.core.optim import RescaleAdam
+from initopt.core.precision import HALF
 from initopt.core.progress import Progress
 from initopt.core.quotient import gradient_and_hvp, gradient_quotient, quotient_sums
 from initopt.errors import ConfigError, LossError
 from initopt.methods.base import Method, Outcome, Problem, register
 
-__all__ = ["MetaInit", "MetaInitConfig", "MetaInitRun"]
+__all__ = ["MetaInit", "MetaInitConfig", "MetaInitRun", "NoiseSource", "embedding_vocabularies"]
 
 
 def _positive(name: str, v: Any) -> None:
@@ -91,11 +94,12 @@ class MetaInitConfig:
         steps: iterations.
         eps: :math:`\\epsilon` of the gradient quotient.
         mode: ``"eval"`` (the paper) or ``"train"`` (BatchNorm on batch statistics).
-        source: ``"noise"``: fresh N(0, 1) inputs and uniform labels at every step, shaped
-            after the first batch (``(inputs, integer targets)`` batches only); ``"batches"``:
-            the user's batches. (Not named ``data``: that is :func:`initopt.initialize_`'s
-            argument.)
-        input_shape: noise mode: shape of one input example (``None``: as in the first batch).
+        source: ``"noise"``: a fresh random batch at every step, shaped after the first batch
+            (N(0, 1) floats, uniform token ids and labels, masks kept; :class:`NoiseSource`);
+            ``"batches"``: the user's batches. (Not named ``data``: that is
+            :func:`initopt.initialize_`'s argument.)
+        input_shape: noise mode, tuple batches: shape of one input example (``None``: as in
+            the first batch).
         num_classes: noise mode: number of classes (``None``: last dimension of the model's
             output on the first batch).
         batch_size: noise mode: examples per step (``None``: as in the first batch).
@@ -171,9 +175,243 @@ def _logits(out: Any) -> torch.Tensor | None:
 
 def _noise_error(what: str) -> ConfigError:
     return ConfigError(
-        f"metainit: source='noise' draws N(0, 1) inputs and uniform class labels shaped after the first batch, "
-        f"but {what}; pass source='batches' to run MetaInit on your own batches"
+        "metainit: source='noise' draws random batches shaped after the first batch (N(0, 1) floats, uniform "
+        f"token ids and class labels, masks kept), but {what}; pass source='batches' to run MetaInit on your "
+        "own batches"
     )
+
+
+def _noise_dtype(t: torch.Tensor) -> torch.dtype:
+    """Dtype of drawn N(0, 1) noise for an entry like ``t``: half precision draws in float32
+    (the search evaluates half-precision models in float32, :mod:`initopt.core.precision`)."""
+    return torch.float32 if t.dtype in HALF else t.dtype
+
+
+def _binary(t: torch.Tensor) -> bool:
+    """Every entry is 0 or 1 (a mask)."""
+    return t.dtype == torch.bool or bool(((t == 0) | (t == 1)).all())
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    if a.numel() != b.numel() or a.is_floating_point() or b.is_floating_point() or a.device != b.device:
+        return False
+    return bool(torch.equal(a.reshape(-1).long(), b.reshape(-1).long()))
+
+
+def embedding_vocabularies(ev: Evaluator, sample: Batch, entries: dict[Any, torch.Tensor]) -> dict[Any, int]:
+    """For each integer entry of ``sample``, the vocabulary of the embeddings that consume it.
+
+    One forward pass on ``sample`` with forward pre-hooks on every ``nn.Embedding`` and
+    ``nn.EmbeddingBag``: an entry is consumed by an embedding whose input is the entry itself,
+    or holds the same values (a view or reshape of it). Its vocabulary is the smallest
+    ``num_embeddings`` among them, so drawn ids are valid for each. Entries no embedding
+    consumes are absent from the result. Nothing is read from names.
+    """
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inp = args[0] if args else kwargs.get("input")
+        if isinstance(inp, torch.Tensor) and not inp.is_floating_point():
+            seen.append((int(module.num_embeddings), inp.detach()))
+
+    handles = [
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+        for m in ev.model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+    ]
+    try:
+        with torch.no_grad():
+            ev.output(ev.space.initial, sample)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[Any, int] = {}
+    for key, t in entries.items():
+        for n, inp in seen:
+            if _same_values(inp, t):
+                out[key] = min(out.get(key, n), n)
+    return out
+
+
+class NoiseSource:
+    """MetaInit's data-free batches: fresh random entries shaped after the first batch.
+
+    Each call draws a new batch from ``problem.generator``:
+
+    * ``(inputs, targets, *extras)`` tuples: float inputs ~ N(0, 1) (``input_shape`` overrides
+      the shape of one example); integer inputs (token ids) uniform over the vocabulary of the
+      embedding that consumes them; integer targets uniform over the classes (``num_classes``,
+      or the last dimension of the model's output on the first batch). Extras are kept.
+    * ``dict`` batches (keyword inputs, the model's own loss), entry by entry:
+
+      - integer entries consumed by an ``nn.Embedding`` (found by tracing one forward pass,
+        :func:`embedding_vocabularies`): token ids, uniform over its vocabulary
+        (``input_ids``, ``token_type_ids``, ``decoder_input_ids``, ...);
+      - an integer entry equal to an earlier one in the first batch (GPT-2 style
+        ``labels = input_ids``): the same draw;
+      - masks, i.e. boolean entries and entries of two or more dimensions whose values are all
+        0 or 1 (``attention_mask``): kept as in the first batch;
+      - other integer entries (``labels``): uniform over the classes as for tuples;
+      - other floating entries (``pixel_values``, regression targets): N(0, 1).
+
+    Negative targets (the ignore index -100 of padded positions) stay where they were in the
+    first batch. Entries without the batch dimension, 0-d tensors and non-tensors are kept.
+    With ``batch_size`` differing from the first batch, kept rows (masks, ignored positions)
+    repeat cyclically. Half-precision floats are drawn in float32.
+    """
+
+    def __init__(self, cfg: MetaInitConfig, problem: Problem) -> None:
+        self.gen = problem.generator
+        self.sample = sample = problem.batches.first
+        self.ev = problem.evaluator
+        self.cfg = cfg
+        self._classes: int | None = cfg.num_classes
+        self.n = batch_size(sample) if isinstance(sample, (dict, tuple, list)) else 0
+        self.bs = cfg.batch_size or self.n
+        if isinstance(sample, dict):
+            self.kind: Any = dict
+            self.plan = self._plan_dict(sample)
+        else:
+            self.kind = type(sample) if type(sample) in (tuple, list) else tuple
+            self.plan = self._plan_tuple(sample)
+
+    # -- plans: one (key, how, args) per entry ---------------------------------------------
+
+    def classes(self, entry: str) -> int:
+        """Number of classes of integer labels (``num_classes``, or read once from the logits);
+        ``entry`` names the labels in the error when it cannot be read."""
+        if self._classes is None:
+            try:
+                self._classes = MetaInit.infer_classes(self.ev, self.sample)
+            except ConfigError:
+                raise _noise_error(
+                    f"{entry} holds integer labels and the number of classes cannot be read from the model "
+                    "output on the first batch (no logits tensor; pass num_classes=...)"
+                ) from None
+        return self._classes
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` resized to the noise batch size by repeating its rows cyclically."""
+        if self.bs == self.n:
+            return t
+        idx = torch.arange(self.bs, device=t.device) % self.n
+        return t[idx]
+
+    def _ignored(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where ``t`` is negative (an ignore index such as -100) and its values there, resized."""
+        neg = t < 0
+        if not bool(neg.any()):
+            return None
+        return self._rows(neg), self._rows(t)
+
+    def _labels(self, entry: str, t: torch.Tensor, high: int | None = None) -> tuple[str, tuple[Any, ...]]:
+        high = self.classes(entry) if high is None else high
+        return "uniform", ((self.bs, *t.shape[1:]), high, t, self._ignored(t))
+
+    def _plan_tuple(self, sample: Batch) -> list[tuple[Any, str, tuple[Any, ...]]]:
+        cfg = self.cfg
+        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
+            raise _noise_error("the batches are not (inputs, targets) tuples or dicts")
+        x, y = sample[0], sample[1]
+        if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.dtype == torch.bool or x.is_complex():
+            raise _noise_error("the inputs (entry 0) are not a float or integer tensor with a batch dimension")
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool or y.ndim == 0:
+            raise _noise_error("the targets (entry 1) are not integer class labels with a batch dimension")
+        extras = tuple(sample[2:])
+        if extras and self.bs != self.n:
+            raise _noise_error(f"the batches carry {len(extras)} extra entries that cannot be resized to batch_size")
+        xshape = (self.bs, *(cfg.input_shape or tuple(x.shape[1:])))
+        if x.is_floating_point():
+            plan: list[tuple[Any, str, tuple[Any, ...]]] = [(0, "normal", (xshape, x))]
+        else:
+            vocab = embedding_vocabularies(self.ev, sample, {0: x}).get(0)
+            if vocab is None:
+                get = getattr(self.ev.model, "get_input_embeddings", None)
+                emb = get() if callable(get) else None
+                vocab = int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+            if vocab is None:
+                raise _noise_error(
+                    "the inputs (entry 0) are integer (token ids?) but no nn.Embedding of the model consumes them, "
+                    "so their vocabulary is unknown"
+                )
+            plan = [(0, "uniform", (xshape, vocab, x, None))]
+        classes = self.classes("the targets (entry 1)")
+        plan.append((1, "uniform", ((self.bs, *y.shape[1:]), classes, y, self._ignored(y))))
+        plan += [(2 + i, "keep", (e,)) for i, e in enumerate(extras)]
+        return plan
+
+    def _plan_dict(self, sample: dict[str, Any]) -> list[tuple[Any, str, tuple[Any, ...]]]:
+        if self.cfg.input_shape is not None:
+            raise ConfigError(
+                "metainit: input_shape applies to (inputs, targets) batches; the entries of dict batches keep "
+                "the shapes of the first batch"
+            )
+        n = self.n
+
+        def batched(t: Any) -> bool:
+            return isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == n
+
+        ints = {k: v for k, v in sample.items() if batched(v) and not v.is_floating_point() and v.dtype != torch.bool}
+        vocab = embedding_vocabularies(self.ev, sample, ints) if ints else {}
+        plan: list[tuple[Any, str, tuple[Any, ...]]] = []
+        drawn: list[str] = []
+        for key, t in sample.items():
+            entry = f"entry {key!r} ({_describe_tensor(t)})"
+            if not batched(t):
+                plan.append((key, "keep", (t,)))
+            elif t.is_complex():
+                raise _noise_error(f"{entry} is complex (only real floats, integers and masks can be drawn)")
+            elif t.dtype == torch.bool:
+                plan.append((key, "keep", (self._rows(t),)))
+            elif t.is_floating_point():
+                if t.ndim >= 2 and _binary(t):
+                    plan.append((key, "keep", (self._rows(t),)))
+                else:
+                    plan.append((key, "normal", ((self.bs, *t.shape[1:]), t)))
+            else:
+                same = next((k for k in drawn if _same_values(sample[k], t)), None)
+                if same is not None:
+                    plan.append((key, "same", (same,)))
+                elif key in vocab:
+                    plan.append((key, *self._labels(entry, t, vocab[key])))
+                    drawn.append(key)
+                elif t.ndim >= 2 and _binary(t):
+                    plan.append((key, "keep", (self._rows(t),)))
+                else:
+                    plan.append((key, *self._labels(entry, t)))
+                    drawn.append(key)
+        return plan
+
+    # -- drawing ---------------------------------------------------------------------------
+
+    def __call__(self) -> Batch:
+        gen = self.gen
+        out: dict[Any, Any] = {}
+        for key, how, args in self.plan:
+            if how == "normal":
+                shape, like = args
+                v = torch.randn(shape, generator=gen, device=gen.device, dtype=_noise_dtype(like)).to(like.device)
+            elif how == "uniform":
+                shape, high, like, ignore = args
+                v = torch.randint(0, high, shape, generator=gen, device=gen.device, dtype=like.dtype).to(like.device)
+                if ignore is not None:
+                    v = torch.where(ignore[0], ignore[1], v)
+            elif how == "same":
+                v = out[args[0]]
+            else:
+                v = args[0]
+            out[key] = v
+        if self.kind is dict:
+            return out
+        return self.kind(out[k] for k, _, _ in self.plan)
+
+
+def _describe_tensor(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"Tensor{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
+    return type(t).__name__
 
 
 @register
@@ -197,35 +435,8 @@ class MetaInit(Method):
         return [i for i, b in enumerate(space.blocks) if b.scalable]
 
     def noise_source(self, problem: Problem) -> Callable[[], Batch]:
-        """Fresh N(0, 1) inputs and uniform labels, shaped after the first batch."""
-        cfg = self.config
-        sample = problem.batches.first
-        if isinstance(sample, dict):
-            raise _noise_error("the batches are dicts (keyword inputs such as token ids)")
-        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
-            raise _noise_error("the batches are not (inputs, targets) tuples")
-        x, y = sample[0], sample[1]
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise _noise_error("the inputs are not floating point (token ids cannot be drawn from N(0, 1))")
-        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool or y.ndim == 0:
-            raise _noise_error("the targets are not integer class labels with a batch dimension")
-        n = batch_size(sample)
-        bs = cfg.batch_size or n
-        extras = tuple(sample[2:])
-        if extras and bs != n:
-            raise _noise_error(f"the batches carry {len(extras)} extra entries that cannot be resized to batch_size")
-        xshape = (bs, *(cfg.input_shape or tuple(x.shape[1:])))
-        yshape = (bs, *y.shape[1:])
-        classes = cfg.num_classes or self.infer_classes(problem.evaluator, sample)
-        gen = problem.generator
-        kind = type(sample) if type(sample) in (tuple, list) else tuple
-
-        def draw() -> Batch:
-            xn = torch.randn(xshape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
-            yn = torch.randint(0, classes, yshape, generator=gen, device=gen.device, dtype=y.dtype).to(y.device)
-            return kind((xn, yn, *extras))
-
-        return draw
+        """Fresh random batches shaped after the first batch (see :class:`NoiseSource`)."""
+        return NoiseSource(self.config, problem)
 
     @staticmethod
     def infer_classes(ev: Evaluator, sample: Batch) -> int:
