@@ -46,6 +46,7 @@ CASES: dict[str, tuple[Any, dict[str, Any], str]] = {
         "many",
     ),
     "pipeline": (["hessian", ("gradinit", {"steps": 4})], {}, "one"),
+    "float32_nio": ("nio", {"steps": 4, "num_splits": 2}, "float32"),
     # a BatchNorm CNN (batch statistics per rank; the NIO Gram engine on convolutions): ranks agree
     "cnn_nio": ("nio", {"steps": 4, "num_splits": 2}, "cnn"),
     "cnn_gradinit": ("gradinit", {"steps": 4}, "cnn"),
@@ -92,6 +93,9 @@ def cnn() -> nn.Module:
 
 
 def data(rank: int, kind: str) -> Any:
+    if kind == "float32":
+        x, y = shard(rank)
+        return x.float(), y
     if kind == "cnn":
         x, y = shard(rank)
         return x[:, :4].repeat(1, 16).reshape(BATCH, 1, 8, 8), y
@@ -100,7 +104,7 @@ def data(rank: int, kind: str) -> Any:
 
 def run_case(rank: int, name: str) -> dict[str, Any]:
     method, config, kind = CASES[name]
-    net = cnn() if kind == "cnn" else model()
+    net = cnn() if kind == "cnn" else model().float() if kind == "float32" else model()
     res = initopt.initialize_(net, data(rank, kind), method, seed=3, progress=False, **config)
     return {
         "scales": dict(res.scales),

@@ -96,7 +96,9 @@ def _comm_device(t: torch.Tensor) -> torch.device:
 def _reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
     """``t`` reduced with ``op`` over ranks, as a new tensor on ``t``'s device and dtype."""
     dev = _comm_device(t)
-    buf = t.detach().to(dev, copy=True).contiguous()
+    # half precision is summed in float32 (and not every backend reduces bfloat16)
+    wide = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    buf = t.detach().to(dev, dtype=wide, copy=True).contiguous()
     torch_dist.all_reduce(buf, op=op)
     return buf.to(t.device)
 
@@ -114,7 +116,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """
     if not active():
         return t
-    return _reduce(t, torch_dist.ReduceOp.SUM) / world_size()
+    return (_reduce(t, torch_dist.ReduceOp.SUM) / world_size()).to(t.dtype)
 
 
 def mean_floats(values: Sequence[float]) -> list[float]:
