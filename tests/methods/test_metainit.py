@@ -190,12 +190,10 @@ RECOVERY = [
     pytest.param("mlp", 4.0, 1, id="mlp-four"),
     pytest.param("cnn", 0.25, 1, id="cnn-quarter"),
     pytest.param("cnn", 4.0, 1, id="cnn-four"),
-    *[
-        pytest.param(kind, factor, seed, id=f"{kind}-{factor}-seed{seed}", marks=pytest.mark.slow)
-        for kind in ("mlp", "cnn")
-        for factor in (0.25, 4.0)
-        for seed in (0, 2, 3)
-    ],
+    # the case that failed on another CPU with the paper's constant step; the sweep over seeds
+    # 0-9 of all four cases (0 of 40 fail with the annealed step, 1 of 40 with the constant one)
+    # is an experiment, run by hand, not part of the suite
+    pytest.param("cnn", 4.0, 2, id="cnn-4.0-seed2", marks=pytest.mark.slow),
 ]
 
 
