@@ -339,6 +339,14 @@ def hf() -> str:
         f"{prov['torch']}, transformers {prov['transformers']}, {prov['threads']} thread(s), revision "
         f"{prov['git_revision'][:8]}, {prov['date'][:10]})."
     )
+    if prov.get("merged_into"):
+        older = prov["merged_into"]
+        names = [f"{r['task']}/{r['init']}" for r in d["table"]]
+        redone = [n for n in names if n not in older["runs_kept"]]
+        head += (
+            f" The runs of {', '.join(redone)} were rerun at that revision; all others are from revision "
+            f"{older['git_revision'][:8]} ({older['date'][:10]})."
+        )
     rows = []
     for r in d["table"]:
         if r["test_loss"] is None:

@@ -278,6 +278,11 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=RESULTS / "study_hf.json")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="rerun only --tasks x --inits (and their default runs) and keep every other run of --out",
+    )
     args = ap.parse_args(argv)
     _quiet()
     tasks = args.tasks.split(",")
@@ -302,6 +307,18 @@ def main(argv: list[str] | None = None) -> Path:
                     f"train steps{', choice ' + str(r.get('auto_choice')) if 'auto_choice' in r else ''}"
                 )
                 print(f"{name:5} {init:9} seed {seed}: {shown}", flush=True)
+    earlier = None
+    if args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old["config"]["seeds"] != seeds or old["config"]["steps"] != steps or old["config"]["quick"] != args.quick:
+            raise SystemExit("--merge needs the same seeds, steps and size as the results it merges into")
+        redone = {(r["task"], r["init"]) for r in runs}
+        kept = [r for r in old["runs"] if (r["task"], r["init"]) not in redone]
+        earlier = {**old["provenance"], "runs_kept": sorted({f"{r['task']}/{r['init']}" for r in kept})}
+        runs = kept + runs
+        configs = {**old["config"]["models"], **configs}
+        tasks = [t for t in TASKS if t in {r["task"] for r in runs}]
+        inits = [i for i in INITS if i in {r["init"] for r in runs}]
     table = []
     for name in tasks:
         for init in inits:
@@ -361,6 +378,7 @@ def main(argv: list[str] | None = None) -> Path:
             "git_revision": rev,
             "git_dirty": dirty,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **({"merged_into": earlier} if earlier else {}),
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,22 @@ from initopt.core.batches import Task
 from initopt.core.functional import Evaluator
 
 
-def _summed(model: nn.Module, batch, loss_fn=None) -> set[str]:
+def _found(model: nn.Module, batch, loss_fn=None) -> dict[str, str]:
     method = initopt.get_method("kaiming")
     space = method(method.Config()).make_space(model)
     ev = Evaluator(model, space, Task(loss_fn=loss_fn))
     trace, _ = record_affine(ev, space.initial, batch, measure=False, flow=True)
-    return {space.blocks[i].name for i in trace.branch}
+    return {space.blocks[i].name: note for i, note in trace.branch.items()}
+
+
+def _summed(model: nn.Module, batch, loss_fn=None) -> set[str]:
+    """Layers inside a residual branch (or parallel branches)."""
+    return {n for n, note in _found(model, batch, loss_fn).items() if "summed" in note}
+
+
+def _stream(model: nn.Module, batch, loss_fn=None) -> set[str]:
+    """Layers that feed a residual stream."""
+    return {n for n, note in _found(model, batch, loss_fn).items() if "feeds a residual stream" in note}
 
 
 def _cls(n_in: int = 6):
@@ -50,16 +60,19 @@ class Block(nn.Module):
 
 def test_a_chain_has_no_summed_layer():
     mlp = nn.Sequential(nn.Linear(6, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 3))
-    assert _summed(mlp, _cls()) == set()  # GELU's x + 0.044715 x^3 adds two functions of one layer's output
+    # GELU's x + 0.044715 x^3 adds two functions of one layer's output: not a branch, not a stream
+    assert _found(mlp, _cls()) == {}
 
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_residual_branch_is_found(inplace):
     assert _summed(Block(inplace=inplace), _cls()) == {"f1.weight", "f2.weight"}
+    assert _stream(Block(inplace=inplace), _cls()) == {"inp.weight"}  # the layer before the fork
 
 
 def test_projection_shortcut_and_parallel_branches_are_found():
     assert _summed(Block(shortcut=True), _cls()) == {"f1.weight", "f2.weight", "short.weight"}
+    assert _stream(Block(shortcut=True), _cls()) == {"inp.weight"}
 
     class Parallel(nn.Module):
         def __init__(self) -> None:
@@ -70,6 +83,7 @@ def test_projection_shortcut_and_parallel_branches_are_found():
             return self.out(torch.tanh(self.a(x)) + torch.tanh(self.b(x)))
 
     assert _summed(Parallel(), _cls()) == {"a.weight", "b.weight"}
+    assert _stream(Parallel(), _cls()) == set()  # both branches read the input itself
 
 
 def test_biases_tables_masks_and_summed_losses_are_not_paths():
@@ -93,7 +107,7 @@ def test_biases_tables_masks_and_summed_losses_are_not_paths():
     def loss_fn(out, batch):
         return F.cross_entropy(out[0], batch[1]) + F.cross_entropy(out[1], batch[1])  # two losses summed
 
-    assert _summed(Tables(), _cls(), loss_fn) == set()
+    assert _found(Tables(), _cls(), loss_fn) == {}
 
 
 def test_hf_bert_encoder_layers_are_summed_and_the_head_is_not():
@@ -115,3 +129,26 @@ def test_hf_bert_encoder_layers_are_summed_and_the_head_is_not():
     summed = _summed(model, batch)
     encoder = {n for n, p in model.named_parameters() if n.startswith("bert.encoder.") and p.ndim == 2}
     assert len(encoder) == 12 and summed == encoder
+    assert _stream(model, batch) == set()  # BERT's stream starts at embedding tables, not an affine layer
+
+
+def test_hf_vit_patch_embedding_feeds_the_stream():
+    tf = pytest.importorskip("transformers")
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = tf.ViTConfig(
+        num_hidden_layers=2,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        num_labels=3,
+    )
+    model = tf.ViTForImageClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = {"pixel_values": torch.randn(4, 1, 8, 8, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+    assert _stream(model, batch) == {"vit.embeddings.patch_embeddings.projection.weight"}
+    found = _found(model, batch)
+    assert "classifier.weight" not in found  # the output layer after the final LayerNorm is a chain's end

@@ -25,8 +25,12 @@ projection shortcut of a ResNet block, the cross-attention of a decoder) and of 
 branches that are summed, but not a bias or a broadcast table (position embeddings, attention
 masks), not a sum of losses, and not an activation that adds two functions of the layer's own
 output (``x + 0.044715 x^3`` in GELU). Data is the batch and what is computed from it, never
-parameters, buffers or constants alone. The variance rules (He/Kaiming, LSUV, the Hessian rule)
-are derived for a chain of layers; they leave such layers alone (:meth:`AffineTrace.note`).
+parameters, buffers or constants alone. A layer that reaches *both* operands of such a sum,
+where one operand went through layers the other did not, feeds the residual stream (a ResNet
+stem, a ViT patch embedding); it is recorded too. The variance rules (He/Kaiming, LSUV, the
+Hessian rule) are derived for a chain of layers; they leave all these layers alone
+(:meth:`AffineTrace.note`): a branch's scale and the stream's first layer set magnitudes
+relative to the other paths, which a chain rule does not model.
 """
 
 from __future__ import annotations
@@ -183,6 +187,7 @@ class _Flow:
         self.deps: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []
         self.branch: dict[int, str] = {}
+        self.stream: dict[int, str] = {}
         for t in roots:
             self._set(t, True, 0)
 
@@ -215,15 +220,25 @@ class _Flow:
             return  # a bias, a broadcast table or mask, a sum of losses: not two paths of the network
         da, db = self.deps.get(id(a), 0), self.deps.get(id(b), 0)
         only = (da & ~db) | (db & ~da)
+        # the layers before the fork feed both operands; if one operand went through layers the
+        # other did not, the sum is a residual connection and they make the stream it carries
+        both = da & db if only else 0
         i = 0
-        while only:
+        while only or both:
             if only & 1 and i not in self.branch:
                 self.branch[i] = (
                     f"its output is summed ({fname(func)}) with another path of the network that it does not "
                     "feed (a residual connection or parallel branches); the variance rules assume a chain of "
                     "layers, so it keeps its scale"
                 )
+            elif both & 1 and i not in self.branch and i not in self.stream:
+                self.stream[i] = (
+                    f"its output feeds a residual stream (both operands of a residual sum, {fname(func)}, derive "
+                    "from it: a stem or patch embedding); its scale sets the stream against the branches and "
+                    "position tables, which the variance rules do not model, so it keeps its scale"
+                )
             only >>= 1
+            both >>= 1
             i += 1
 
 
@@ -359,4 +374,5 @@ def record_affine(
     rec = _Recorder(watch, measure, follow)
     with torch.no_grad(), rec:
         loss = evaluator.loss(list(tensors), batch)
-    return AffineTrace(rec.uses, rec.order, follow.branch if follow is not None else {}), loss
+    found = {**follow.stream, **follow.branch} if follow is not None else {}
+    return AffineTrace(rec.uses, rec.order, found), loss
