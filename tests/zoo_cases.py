@@ -22,6 +22,22 @@ class ModelCase:
     batch: Callable[[torch.Generator], Any]
 
 
+class PlainAttention(nn.Module):
+    """Attention with no residual connection: every projection is a link of a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.ff = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        a, _ = self.attn(h, h, h)
+        return self.head(torch.relu(self.ff(a)).mean(1))
+
+
 def _cls(shape: tuple[int, ...], classes: int = 10, n: int = 8) -> Callable[[torch.Generator], Any]:
     return lambda g: (torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g))
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from zoo_cases import PlainAttention
 
 import initopt
 from initopt import zoo
@@ -96,22 +97,6 @@ def test_idempotent_and_more_steps_change_nothing():
     again = initopt.initialize_(a, _data(), "kaiming")
     assert all(s == pytest.approx(1.0, rel=1e-12) for s in again.scales.values())
     assert math.isfinite(r1.before["loss"]) and math.isfinite(r1.after["loss"])
-
-
-class PlainAttention(nn.Module):
-    """Attention with no residual connection: every projection is a link of a chain."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(32, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.ff = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens)
-        a, _ = self.attn(h, h, h)
-        return self.head(torch.relu(self.ff(a)).mean(1))
 
 
 def test_attention_and_tied_models():

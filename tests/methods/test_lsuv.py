@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo_cases import PlainAttention
 
 import initopt
 from initopt import zoo
@@ -112,22 +113,6 @@ def test_other_target_and_tighter_tolerance_on_the_first_batch(name):
     initopt.initialize_(model, data, "lsuv", target_var=2.0, tol=1e-3, max_iters=50)
     for layer, v in output_variances(model, data[0][0]).items():
         assert abs(v - 2.0) < 1e-3, (layer, v)
-
-
-class PlainAttention(nn.Module):
-    """Attention with no residual connection: every projection is a link of a chain."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(32, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.ff = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens)
-        a, _ = self.attn(h, h, h)
-        return self.head(torch.relu(self.ff(a)).mean(1))
 
 
 def test_residual_branches_keep_their_scale():
