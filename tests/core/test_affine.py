@@ -110,22 +110,18 @@ def test_biases_tables_masks_and_summed_losses_are_not_paths():
     assert _found(Tables(), _cls(), loss_fn) == {}
 
 
-def test_hf_bert_encoder_layers_are_summed_and_the_head_is_not():
-    tf = pytest.importorskip("transformers")
-    tf.logging.set_verbosity_error()
+def _hf(name: str) -> tuple[nn.Module, dict]:
+    """A tiny model of ``tests/hf_cases.py`` and one of its batches."""
+    pytest.importorskip("transformers")
+    from hf_cases import MODELS
+
     torch.manual_seed(0)
-    cfg = tf.BertConfig(
-        num_hidden_layers=2,
-        hidden_size=16,
-        num_attention_heads=2,
-        intermediate_size=32,
-        vocab_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    model = tf.BertForSequenceClassification(cfg)
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 32, (4, 8), generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+    model, batch = MODELS[name]()
+    return model, batch(torch.Generator().manual_seed(0))
+
+
+def test_hf_bert_encoder_layers_are_summed_and_the_head_is_not():
+    model, batch = _hf("bert")
     summed = _summed(model, batch)
     encoder = {n for n, p in model.named_parameters() if n.startswith("bert.encoder.") and p.ndim == 2}
     assert len(encoder) == 12 and summed == encoder
@@ -133,22 +129,7 @@ def test_hf_bert_encoder_layers_are_summed_and_the_head_is_not():
 
 
 def test_hf_vit_patch_embedding_feeds_the_stream():
-    tf = pytest.importorskip("transformers")
-    tf.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    cfg = tf.ViTConfig(
-        num_hidden_layers=2,
-        hidden_size=16,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        num_labels=3,
-    )
-    model = tf.ViTForImageClassification(cfg)
-    g = torch.Generator().manual_seed(0)
-    batch = {"pixel_values": torch.randn(4, 1, 8, 8, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+    model, batch = _hf("vit")
     assert _stream(model, batch) == {"vit.embeddings.patch_embeddings.projection.weight"}
     found = _found(model, batch)
     assert "classifier.weight" not in found  # the output layer after the final LayerNorm is a chain's end
