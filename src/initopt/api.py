@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from initopt.core import dist
-from initopt.core.batches import BatchSource, Task, _describe, check_loss
+from initopt.core.batches import BatchSource, Task, check_loss, describe
 from initopt.core.blocks import apply_scales_
 from initopt.core.functional import Evaluator, search_mode
 from initopt.core.precision import precision_error
@@ -43,7 +43,7 @@ def _validate(evaluator: Evaluator, batch: Any) -> None:
         pe = precision_error(e, evaluator.model, "the forward pass on the first batch")
         if pe is not None and evaluator.space.upcast:  # a float32 model that fails on half data: a DataError
             raise pe from e
-        raise DataError(f"the model could not take the first batch {_describe(batch)}: {type(e).__name__}: {e}") from e
+        raise DataError(f"the model could not take the first batch {describe(batch)}: {type(e).__name__}: {e}") from e
     check_loss(loss, "the first batch")
     if not loss.requires_grad:
         raise LossError("the loss on the first batch does not depend on any trainable parameter")

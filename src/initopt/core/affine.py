@@ -210,8 +210,8 @@ class _Flow:
             deps |= 1 << layer
         if not data and not deps:
             return  # parameters, buffers and constants: not data
-        if func is torch.Tensor.__setitem__ or (not outs and ins):
-            outs = ins[:1]  # in place, returning nothing: the first argument changed
+        if not outs and ins:
+            outs = ins[:1]  # in place, returning nothing (``x[i] = y``): the first argument changed
         for o in outs:
             self._set(o, data, deps)
 
@@ -286,9 +286,7 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func is _MHA:
-            self._attention(args, kwargs, out)
-            layers = [self.watch[id(w)] for w in (self._mha_weights(args, kwargs)) if id(w) in self.watch]
-            self._follow(func, args, kwargs, out, layers)
+            self._follow(func, args, kwargs, out, self._attention(args, kwargs, out))
             return out
         kind = _AFFINE.get(func)
         if kind is not None and isinstance(out, torch.Tensor):
@@ -306,21 +304,14 @@ class _Recorder(TorchFunctionMode):
         if self.flow is not None:
             self.flow.op(func, tensors_in(list(args) + list(kwargs.values())), tensors_in(out), layers)
 
-    @staticmethod
-    def _mha_weights(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        try:
-            a = _MHA_SIG.bind(*args, **kwargs).arguments
-        except TypeError:  # pragma: no cover - a future signature
-            return []
-        return [w for w in (a.get("in_proj_weight"), a.get("out_proj_weight")) if isinstance(w, torch.Tensor)]
-
-    def _attention(self, args: tuple, kwargs: dict, out: Any) -> None:
-        """``F.multi_head_attention_forward``: the packed input projection and the output projection."""
+    def _attention(self, args: tuple, kwargs: dict, out: Any) -> list[int]:
+        """``F.multi_head_attention_forward``: the packed input projection and the output
+        projection. Returns the watched indices of those recorded as affine weights."""
         try:
             bound = _MHA_SIG.bind(*args, **kwargs)
         except TypeError:  # pragma: no cover - a future signature
             self._others(_MHA, tensors_in(list(args) + list(kwargs.values())), set())
-            return
+            return []
         a = bound.arguments
         skip: set[int] = set()
         w_in, b_in = a.get("in_proj_weight"), a.get("in_proj_bias")
@@ -336,6 +327,7 @@ class _Recorder(TorchFunctionMode):
             if self._affine(w_out, "mha.out_proj", [result]):
                 skip.add(id(w_out))
         self._others(_MHA, tensors_in(list(a.values())), skip)
+        return [self.watch[i] for i in skip]
 
 
 def _in_projection(
@@ -363,8 +355,8 @@ def record_affine(
     Every tensor of ``tensors`` with two or more dimensions is watched. Runs under
     ``torch.no_grad``; with ``measure=True`` the output statistics of every affine call of a
     watched tensor are pooled (:class:`AffineUse`); with ``flow=True`` the layers inside a
-    residual branch are found (:attr:`AffineTrace.branch`; this keeps every tensor of the pass
-    alive until it ends).
+    residual branch and those that feed a residual stream are found (:attr:`AffineTrace.branch`,
+    one note each; this keeps every tensor of the pass alive until it ends).
 
     Returns:
         The trace and the loss.

@@ -37,6 +37,7 @@ __all__ = [
     "check_finite",
     "class_last",
     "concat_batches",
+    "describe",
     "is_single_batch",
     "move_batch",
     "split_batch",
@@ -83,7 +84,7 @@ def batch_size(batch: Batch) -> int:
     """Number of examples: the leading dimension of the batch's first tensor."""
     ts = [t for t in _tensors(batch) if t.ndim > 0]
     if not ts:
-        raise DataError(f"the batch holds no tensor with a batch dimension: {_describe(batch)}")
+        raise DataError(f"the batch holds no tensor with a batch dimension: {describe(batch)}")
     return int(ts[0].shape[0])
 
 
@@ -150,7 +151,10 @@ def concat_batches(batches: list[Batch]) -> Batch:
     return type(first)(cat([b[i] for b in batches]) for i in range(len(first)))
 
 
-def _describe(batch: Batch) -> str:
+def describe(batch: Batch) -> str:
+    """A short description of a batch (or one entry of it) for error messages:
+    ``{'input_ids': Tensor(8, 12):int64, ...}``, ``(Tensor(8, 4):float32, ...)``."""
+
     def d(x: Any) -> str:
         if isinstance(x, torch.Tensor):
             return f"Tensor{tuple(x.shape)}:{str(x.dtype).replace('torch.', '')}"

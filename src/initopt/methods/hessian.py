@@ -481,9 +481,9 @@ def trace_layers(
     next layer, the model output or the loss with no nonlinearity has the identity. Anything
     else first (a norm layer, a residual addition, pooling, a second use) leaves the activation
     undetermined, with ``LayerInfo.note`` saying what was found. A layer whose output is summed
-    with another path of the network (every layer of a residual branch, found by
-    :func:`~initopt.core.affine.record_affine` with ``flow=True``) gets a note too: the rule's
-    recursion is for a chain of layers.
+    with another path of the network (every layer of a residual branch) or that feeds a residual
+    stream (a stem, a patch embedding), found by :func:`~initopt.core.affine.record_affine` with
+    ``flow=True``, gets a note too: the rule's recursion is for a chain of layers.
 
     Returns the layers in call order and the loss of the pass.
     """

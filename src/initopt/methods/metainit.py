@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from initopt.core import dist
-from initopt.core.batches import Batch, batch_size
+from initopt.core.batches import Batch, batch_size, describe
 from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
@@ -337,8 +337,7 @@ class NoiseSource:
                     "so their vocabulary is unknown"
                 )
             plan = [(0, "uniform", (xshape, vocab, x, None))]
-        classes = self.classes("the targets (entry 1)")
-        plan.append((1, "uniform", ((self.bs, *y.shape[1:]), classes, y, self._ignored(y))))
+        plan.append((1, *self._labels("the targets (entry 1)", y)))
         plan += [(2 + i, "keep", (e,)) for i, e in enumerate(extras)]
         return plan
 
@@ -358,7 +357,7 @@ class NoiseSource:
         plan: list[tuple[Any, str, tuple[Any, ...]]] = []
         drawn: list[str] = []
         for key, t in sample.items():
-            entry = f"entry {key!r} ({_describe_tensor(t)})"
+            entry = f"entry {key!r} ({describe(t)})"
             if not batched(t):
                 plan.append((key, "keep", (t,)))
             elif t.is_complex():
@@ -406,12 +405,6 @@ class NoiseSource:
         if self.kind is dict:
             return out
         return self.kind(out[k] for k, _, _ in self.plan)
-
-
-def _describe_tensor(t: Any) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"Tensor{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
-    return type(t).__name__
 
 
 @register
