@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -325,17 +326,19 @@ TABLES: dict[str, Callable[[], str]] = {
 DOC_TABLES: dict[str, Callable[[], str]] = {f"study-{k}-verdicts": study(k, verdicts=True) for k in STUDIES}
 
 
-def hf() -> str:
+def hf(name: str = "study_hf.json") -> str:
     """Every method at its defaults on the Hugging Face models of ``study_hf.py``."""
-    d = _load("study_hf.json")
+    d = _load(name)
     if d is None:
         return "_no results yet: run `python benchmarks/study_hf.py`_"
     prov, cfg = d["provenance"], d["config"]
+    given = cfg.get("init_optimizer", "auto only")
     head = (
         f"Held-out loss after {cfg['steps']} steps of {cfg['optimizer']} (batch {cfg['batch_size']}), mean ± std over "
         f"{len(cfg['seeds'])} seeds, and the paired difference to the model's own init (same draw, same batches); "
         "verdict on the loss: worse/better when the mean difference clears 0 by two standard errors, else tie. "
-        "Init cost in training steps of the same run. From `benchmarks/results/study_hf.json` (torch "
+        f"Optimizer given to the inits: {given}. Guard: on how many seeds the learned method's guard kept its "
+        f"scales. Init cost in training steps of the same run. From `benchmarks/results/{name}` (torch "
         f"{prov['torch']}, transformers {prov['transformers']}, {prov['threads']} thread(s), revision "
         f"{prov['git_revision'][:8]}, {prov['date'][:10]})."
     )
@@ -362,14 +365,23 @@ def hf() -> str:
                 f"{r['test_acc'][0]:.3f} ± {r['test_acc'][1]:.3f}",
                 diff,
                 r.get("verdict", "—"),
+                _guard_kept(d["runs"], r["task"], r["init"]),
                 f"{r['init_in_train_steps']:.0f}",
             ]
         )
-    cols = ["model", "init", "held-out loss", "accuracy", "loss − own init (paired)", "verdict", "init cost"]
+    cols = ["model", "init", "held-out loss", "accuracy", "loss − own init (paired)", "verdict", "guard", "init cost"]
     return "\n".join([head, "", *_md_table(cols, rows)])
 
 
-HF_TABLES: dict[str, Callable[[], str]] = {"study-hf": hf}
+def _guard_kept(runs: list[dict[str, Any]], task: str, init: str) -> str:
+    kept = [r["guard"]["kept"] for r in runs if r["task"] == task and r["init"] == init and "guard" in r]
+    return f"kept {sum(kept)}/{len(kept)}" if kept else ""
+
+
+HF_TABLES: dict[str, Callable[[], str]] = {
+    "study-hf": hf,
+    "study-hf-no-optimizer": lambda: hf("study_hf_no_optimizer.json"),
+}
 
 
 def render(text: str, tables: dict[str, Callable[[], str]] = TABLES) -> str:

@@ -13,6 +13,11 @@ from it by ``benchmarks/readme_tables.py``)::
                    "evidence": "..."}],
      "notes": ["..."], "runs": [...]}
 
+The studies test the papers' claims, so every learned stage runs the paper's algorithm: its
+guard (``initopt.core.guard``, on by default in the library) is turned off by
+:func:`paper_algorithm`. Run-cache keys leave the guard fields out: every cached run is
+guard-free.
+
 Verdict rule (:func:`verdict`): a paired difference is *supported* when its mean exceeds the
 margin by more than two standard errors at every thread count, *not supported* when it is
 below the margin by more than two standard errors at any thread count or when the thread
@@ -42,6 +47,7 @@ __all__ = [
     "fmt",
     "kaiming_",
     "paired",
+    "paper_algorithm",
     "rows_by_init",
     "train_grid",
     "verdict",
@@ -62,10 +68,57 @@ def kaiming_(model: nn.Module, nonlinearity: str = "relu") -> nn.Module:
 
 CACHE = Path(__file__).resolve().parent / ".cache"  # finished runs, one JSON line each (not committed)
 
+GUARDED = ("gradinit", "metainit", "nio")  # the learned methods, whose guard the studies turn off
+_GUARD_FIELDS = ("guard", "guard_steps")
 
-def _cache_key(spec: Any, label: str, seed: int, threads: int, start: str, tags: dict, train_kw: dict) -> str:
+
+def paper_algorithm(spec: Any, init_steps: int | None = None) -> Any:
+    """``spec`` with every learned stage's guard off (the paper's algorithm, scales always applied).
+
+    A bare name becomes ``(name, {"guard": False})``, carrying ``init_steps`` (which
+    :func:`initopt.compare.compare` applies to bare names only) as the stage's ``steps``.
+    """
+    if isinstance(spec, str):
+        if spec not in GUARDED:
+            return spec
+        return (spec, {"guard": False, **({"steps": init_steps} if init_steps is not None else {})})
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
+        return (spec[0], {**spec[1], "guard": False}) if spec[0] in GUARDED else spec
+    if isinstance(spec, list):
+        return [paper_algorithm(s) for s in spec]
+    config = getattr(spec, "config", None)
+    if config is not None and hasattr(config, "guard"):
+        import dataclasses
+
+        return type(spec)(dataclasses.replace(config, guard=False))
+    return spec
+
+
+def _key_spec(spec: Any, paper: bool) -> Any:
+    """The spec as cache keys record it: for the papers' algorithms without guard fields (they
+    are all off); guarded runs (``paper=False``) carry ``"guarded": True`` in their key."""
+    if not paper:
+        return {"spec": spec, "guarded": True}
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+        return (spec[0], {k: v for k, v in spec[1].items() if k not in _GUARD_FIELDS})
+    if isinstance(spec, list):
+        return [_key_spec(s, paper) for s in spec]
+    return spec
+
+
+def _cache_key(
+    spec: Any, label: str, seed: int, threads: int, start: str, tags: dict, train_kw: dict, paper: bool = True
+) -> str:
     return json.dumps(
-        {"spec": spec, "label": label, "seed": seed, "threads": threads, "start": start, **tags, **train_kw},
+        {
+            "spec": _key_spec(spec, paper),
+            "label": label,
+            "seed": seed,
+            "threads": threads,
+            "start": start,
+            **tags,
+            **train_kw,
+        },
         sort_keys=True,
         default=str,
     )
@@ -94,6 +147,7 @@ def train_grid(
     tags: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
     cache: Path | None = None,
+    paper: bool = True,
     **train_kw: Any,
 ) -> list[dict[str, Any]]:
     """:func:`initopt.compare.compare` at ``threads`` threads; returns its per-run records
@@ -104,6 +158,9 @@ def train_grid(
     new run is appended as soon as it ends, so an interrupted study resumes where it stopped.
     Runs are deterministic at a given thread count, so a cached run equals a repeated one; the
     key does not cover the model factory, so tags must name the task.
+
+    ``paper``: run every learned stage as its paper's algorithm (guard off,
+    :func:`paper_algorithm`); ``False``: as the library runs it by default (guard on).
     """
     tags = tags or {}
     known = _cache_load(cache)
@@ -111,14 +168,17 @@ def train_grid(
     for init in inits:
         label, spec = (init, init) if isinstance(init, str) else init
         for seed in seeds:
-            key = _cache_key(spec, label, seed, threads, start, tags, train_kw)
+            key = _cache_key(spec, label, seed, threads, start, tags, train_kw, paper)
             if key in known:
                 r = known[key]
             else:
                 old = torch.get_num_threads()
                 torch.set_num_threads(threads)
                 try:
-                    report = compare(make_model, train, test, [(label, spec)], seeds=[seed], progress=False, **train_kw)
+                    run_spec = paper_algorithm(spec, train_kw.get("init_steps")) if paper else spec
+                    report = compare(
+                        make_model, train, test, [(label, run_spec)], seeds=[seed], progress=False, **train_kw
+                    )
                 finally:
                     torch.set_num_threads(old)
                 r = dict(report.runs[0])

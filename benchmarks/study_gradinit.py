@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                 trial = copy.deepcopy(model)
                 fields = {**fields, "steps": 3} if args.quick else fields
                 res = initopt.initialize_(
-                    trial, loader(train, train_kw["batch_size"], seed=seed + 10_000), "gradinit", seed=seed, **fields
+                    trial,
+                    loader(train, train_kw["batch_size"], seed=seed + 10_000),
+                    "gradinit",
+                    seed=seed,
+                    **{**fields, "guard": False},  # the paper's algorithm (studies.paper_algorithm)
                 )
                 cache[key] = {"scales": res.scales, "seconds": res.seconds}
             return model, cache[key]["scales"]

@@ -16,8 +16,11 @@ dict batches and the model's own loss:
 * ``t5``: ``T5ForConditionalGeneration`` (2 + 2 layers, width 64), sorting 8 digits as
   sequence-to-sequence.
 
-Every init runs through ``initopt.initialize_`` at its defaults on 8 training batches (``auto``
-also gets the training optimizer), then AdamW (lr 1e-3, weight decay 0.01, batch 32) trains for
+Every init runs through ``initopt.initialize_`` at its defaults on 8 training batches; the inits
+that take the training optimizer (``auto``'s trials; the guard of GradInit, MetaInit and NIO,
+which keeps their scales only if a 25-step trial from them beats one from the start, see
+``initopt.core.guard``) get it as ``optimizer=`` (``--no-optimizer``: they do not, and assume
+one). Then AdamW (lr 1e-3, weight decay 0.01, batch 32) trains for
 ``--steps`` steps; the held-out loss (the model's own loss, averaged over the test set) and
 accuracy are compared with the model's own init, paired by seed (same draw, same batches). An
 init is "worse" when its held-out loss is higher by more than two standard errors of the paired
@@ -59,6 +62,7 @@ CLAIM = (
 )
 INITS = ["default", "gradinit", "metainit", "nio", "hessian", "lsuv", "kaiming", "auto"]
 TASKS = ["gpt2", "bert", "vit", "t5"]
+WITH_OPTIMIZER = "the training optimizer, to every init that takes one"
 
 
 def _quiet() -> None:
@@ -200,7 +204,13 @@ QUICK_INIT: dict[str, dict[str, Any]] = {
 
 
 def run_one(
-    task: dict[str, Any], init: str, seed: int, steps: int, init_batches: int, quick: bool = False
+    task: dict[str, Any],
+    init: str,
+    seed: int,
+    steps: int,
+    init_batches: int,
+    quick: bool = False,
+    pass_optimizer: bool = True,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = task["make"]()
@@ -214,8 +224,8 @@ def run_one(
         kw: dict[str, Any] = {"seed": seed, "progress": False}
         if quick:
             kw.update(QUICK_INIT.get(init, {}))
-        if init == "auto":
-            kw["optimizer"] = opt
+        if pass_optimizer and initopt.get_method(init).uses_optimizer:
+            kw["optimizer"] = opt  # the training optimizer: auto's trials, the learned methods' guard
         try:
             res = initopt.initialize_(model, train[:init_batches], init, **kw)
             scales = list(res.scales.values())
@@ -223,6 +233,12 @@ def run_one(
             rec["moved"] = {k: v for k, v in res.scales.items() if abs(math.log(v)) > math.log(1.5)} if scales else {}
             if init == "auto":
                 rec["auto_choice"] = res.info.get("choice")
+            if "guard" in res.info:
+                g = res.info["guard"]
+                rec["guard"] = {
+                    "kept": g["kept"],
+                    "trials": [{k: t[k] for k in ("optimizer", "start", "scaled")} for t in g["trials"]],
+                }
         except initopt.InitOptError as e:
             rec["error"] = f"{type(e).__name__}: {e}"
             return rec
@@ -279,6 +295,11 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=RESULTS / "study_hf.json")
     ap.add_argument(
+        "--no-optimizer",
+        action="store_true",
+        help="do not give the training optimizer to the inits (auto then assumes SGD; the guard tries SGD and Adam)",
+    )
+    ap.add_argument(
         "--merge",
         action="store_true",
         help="rerun only --tasks x --inits (and their default runs) and keep every other run of --out",
@@ -290,6 +311,7 @@ def main(argv: list[str] | None = None) -> Path:
     if "default" not in inits:
         inits = ["default", *inits]
     seeds = list(range(1 if args.quick else args.seeds))
+    init_optimizer = "none" if args.no_optimizer else WITH_OPTIMIZER
     steps = 5 if args.quick else args.steps
     t0, c0 = time.perf_counter(), time.process_time()
     runs: list[dict[str, Any]] = []
@@ -299,7 +321,7 @@ def main(argv: list[str] | None = None) -> Path:
         configs[name] = task["config"]
         for init in inits:
             for seed in seeds:
-                r = run_one(task, init, seed, steps, 3 if args.quick else 8, args.quick)
+                r = run_one(task, init, seed, steps, 3 if args.quick else 8, args.quick, not args.no_optimizer)
                 r["task"] = name
                 runs.append(r)
                 shown = r.get("error") or (
@@ -310,8 +332,16 @@ def main(argv: list[str] | None = None) -> Path:
     earlier = None
     if args.merge and args.out.exists():
         old = json.loads(args.out.read_text())
-        if old["config"]["seeds"] != seeds or old["config"]["steps"] != steps or old["config"]["quick"] != args.quick:
-            raise SystemExit("--merge needs the same seeds, steps and size as the results it merges into")
+        same = old["config"].get("init_optimizer", WITH_OPTIMIZER) == init_optimizer  # before: auto only, the same
+        if (
+            not same
+            or old["config"]["seeds"] != seeds
+            or old["config"]["steps"] != steps
+            or old["config"]["quick"] != args.quick
+        ):
+            raise SystemExit(
+                "--merge needs the same seeds, steps, size and init optimizer as the results it merges into"
+            )
         redone = {(r["task"], r["init"]) for r in runs}
         kept = [r for r in old["runs"] if (r["task"], r["init"]) not in redone]
         earlier = {**old["provenance"], "runs_kept": sorted({f"{r['task']}/{r['init']}" for r in kept})}
@@ -362,6 +392,7 @@ def main(argv: list[str] | None = None) -> Path:
             "optimizer": "AdamW(lr=1e-3, weight_decay=0.01)",
             "batch_size": 32,
             "init_batches": 3 if args.quick else 8,
+            "init_optimizer": init_optimizer,
             "quick": args.quick,
             "models": configs,
         },

@@ -71,7 +71,9 @@ def test_kaiming_matches_torch_init():
         assert abs(std - math.sqrt(2 / fan)) < 0.35 * math.sqrt(2 / fan)
 
 
-@pytest.mark.parametrize("script", ["study_deep.py", "study_start.py", "study_gradinit.py", "study_auto.py"])
+@pytest.mark.parametrize(
+    "script", ["study_deep.py", "study_start.py", "study_gradinit.py", "study_auto.py", "study_guard.py"]
+)
 def test_study_quick(tmp_path, script):
     out = tmp_path / script.replace(".py", ".json")
     args = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)]
@@ -111,3 +113,11 @@ def test_study_hf_quick(tmp_path):
                 runs[(row["init"], s)]["test_loss"] - runs[("default", s)]["test_loss"] for s in d["config"]["seeds"]
             ]
             assert row["loss_vs_default"]["diffs"] == pytest.approx(diffs)
+    # the learned methods' guard decided on every run; where it rejected the scales, the model
+    # was left as it was and trained exactly like the model's own init
+    guarded = [r for r in d["runs"] if r["init"] in ("gradinit", "metainit", "nio")]
+    assert guarded and all(isinstance(r["guard"]["kept"], bool) for r in guarded)
+    for r in guarded:
+        if not r["guard"]["kept"]:
+            own = next(b for b in d["runs"] if (b["task"], b["init"], b["seed"]) == (r["task"], "default", r["seed"]))
+            assert r["test_loss"] == own["test_loss"] and r["scale_range"] == [1.0, 1.0]

@@ -16,11 +16,12 @@ from initopt.core import dist
 from initopt.core.batches import BatchSource, Task, check_loss, describe
 from initopt.core.blocks import apply_scales_
 from initopt.core.functional import Evaluator, search_mode
+from initopt.core.guard import guard
 from initopt.core.precision import precision_error
 from initopt.core.progress import Progress
 from initopt.core.step import OptimizerSpec, TrainStep
 from initopt.errors import ConfigError, DataError, InitOptError, LossError, ModelError
-from initopt.methods.base import Method, Problem, get_method, make_config
+from initopt.methods.base import Method, Problem, get_method, make_config, methods
 from initopt.result import InitResult
 
 __all__ = ["initialize_", "run_method"]
@@ -90,6 +91,8 @@ def run_method(
         with Progress(method.progress_total(steps), desc=method.name, enabled=progress) as bar:
             try:
                 outcome = method.search(problem, steps, bar)
+                if getattr(method.config, "guard", False) and steps > 0:
+                    _guard(method, problem, outcome)
             except RuntimeError as e:
                 pe = precision_error(e, model, f"{method.name}'s search")
                 if pe is not None:
@@ -116,6 +119,29 @@ def run_method(
         info=outcome.info,
         seed=seed,
     )
+
+
+def _guard(method: Method, problem: Problem, outcome: Any) -> None:
+    """Replace ``outcome``'s scales by ones unless they train better than the start (in place;
+    see :mod:`initopt.core.guard`). A warning says when the model is left as it was."""
+    alpha = outcome.alpha.detach()
+    if not bool(torch.isfinite(alpha).all()) or bool((alpha == 1).all()):
+        return  # non-finite scales are an error below; ones need no trial
+    with search_mode(problem.model, "train"):
+        kept, info = guard(
+            problem.evaluator, problem.space, problem.next_batch, alpha, problem.step, method.config.guard_steps
+        )
+    outcome.info = {**outcome.info, "guard": info}
+    if not info["kept"]:
+        outcome.alpha = kept
+        outcome.info["guard"]["search_after"] = dict(outcome.after)
+        outcome.after = dict(outcome.before)
+        warnings.warn(
+            f"{method.name}: its scales did not train better than the model's own tensors, so the model was "
+            f"left as it was: {info['reason']}. Pass guard=False to apply them anyway.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _check_ranks(name: str, space: Any, steps: int, seed: int) -> None:
@@ -253,8 +279,9 @@ def initialize_(
 def _warn_unused_optimizer(optimizer: OptimizerSpec, stages: list[Method]) -> None:
     if optimizer is not None and not any(s.uses_optimizer for s in stages):
         names = ", ".join(s.name for s in stages)
+        users = ", ".join(m for m in methods() if get_method(m).uses_optimizer)
         warnings.warn(
-            f"optimizer= is not used by {names}: only methods that model a training step use it (gradinit, auto)",
+            f"optimizer= is not used by {names}: only methods that model or trial a training step use it ({users})",
             UserWarning,
             stacklevel=3,
         )

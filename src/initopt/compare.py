@@ -239,7 +239,7 @@ def compare(
                 torch.manual_seed(seed)
                 model = make_model()
                 init_seconds = 0.0
-                choice = None
+                choice = guard = None
                 if spec != "default":
                     train_opt = None
                     if pass_optimizer and models_a_step(spec, None if pass_optimizer is True else pass_optimizer):
@@ -258,6 +258,7 @@ def compare(
                     )
                     init_seconds = time.perf_counter() - t0
                     choice = init_result.info.get("choice")
+                    guard = init_result.info.get("guard")
                 rec = _train(
                     model,
                     train,
@@ -276,6 +277,8 @@ def compare(
                 rec.update(init=label, seed=seed, init_seconds=init_seconds)
                 if choice is not None:  # what auto chose
                     rec["init_choice"] = choice
+                if guard is not None:  # whether a learned method's guard kept its scales
+                    rec["guard_kept"] = guard["kept"]
                 rec["init_in_train_steps"] = init_seconds / rec["step_seconds"] if rec["step_seconds"] else None
                 report.runs.append(rec)
                 if log:

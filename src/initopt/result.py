@@ -37,7 +37,10 @@ class InitResult:
         before, after: the method's own measures on a fixed batch before and after.
         seed: the seed the method ran with.
         info: what else the method reports (``auto``: the candidates it tried, what each
-            measured and why it chose; methods given ``optimizer=``: the step they modeled).
+            measured and why it chose; methods given ``optimizer=``: the step they modeled;
+            learned methods: ``"guard"``, the trial that decided whether their scales were
+            kept, see :mod:`initopt.core.guard`; when they were not, ``after`` equals
+            ``before`` and the search's own measures are in ``info["guard"]["search_after"]``).
     """
 
     method: str
@@ -85,6 +88,10 @@ class InitResult:
                 lines.append(f"    {c['stage']:<8} {c['name']:<24} {what}")
             if "cost_train_steps" in self.info:
                 lines.append(f"  cost: {self.info['cost_train_steps']:.0f} training steps")
+        guard = self.info.get("guard")
+        if guard:
+            verdict = "scales kept" if guard["kept"] else "scales rejected, the model was left as it was"
+            lines.append(f"  guard: {verdict}: {guard['reason']}")
         if self.scales:
             width = max(len(n) for n in self.scales)
             lines.append("  scales:")

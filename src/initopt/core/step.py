@@ -35,9 +35,12 @@ from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.errors import ConfigError, LossError
 
-__all__ = ["OptimizerSpec", "TrainStep", "Trial", "parse_optimizer", "trial_run"]
+__all__ = ["DEFAULT_OPTIMIZER", "OptimizerSpec", "TrainStep", "Trial", "parse_optimizer", "trial_run"]
 
 OptimizerSpec = Any  # torch.optim.Optimizer | type[Optimizer] | tuple[type[Optimizer], dict] | None
+
+#: The optimizer assumed when the user gives none (``auto``'s trials, the guard's first trial).
+DEFAULT_OPTIMIZER: tuple[type[torch.optim.Optimizer], dict[str, Any]] = (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9})
 
 _NEEDS_CLOSURE = ("LBFGS",)
 

@@ -37,7 +37,7 @@ import torch
 
 from initopt.core.functional import search_mode
 from initopt.core.progress import Progress
-from initopt.core.step import TrainStep, Trial
+from initopt.core.step import DEFAULT_OPTIMIZER, TrainStep, Trial
 from initopt.errors import ConfigError, InitOptError
 from initopt.methods.base import Method, Outcome, Problem, get_method, register
 
@@ -45,7 +45,6 @@ __all__ = ["Auto", "AutoConfig"]
 
 STARTS = ("model", "kaiming", "lsuv", "hessian")
 LEARNED = ("gradinit", "nio")
-DEFAULT_OPTIMIZER = (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9})
 
 
 @dataclass(frozen=True)
@@ -111,16 +110,17 @@ def learned_stage(name: str, steps: int, step: TrainStep) -> tuple[Method, bool]
     gains ≤ 100); with SGD-like ones, the paper's normalized step η = 0.1, because the real
     SGD step was worse on every SGD task of ``benchmarks/study_auto.py``. NIO: a quarter of the
     iterations (for cost: one NIO iteration costs several GradInit ones on small models), two
-    sub-batches, :math:`T\\tau` of the released 100 × 3e-3.
+    sub-batches, :math:`T\\tau` of the released 100 × 3e-3. Both without their guard: ``auto``'s
+    own trial judges them.
     """
     cls = get_method(name)
     if name == "gradinit":
-        base = cls.Config(lr=3.9 / max(steps, 1), steps=steps)
+        base = cls.Config(lr=3.9 / max(steps, 1), steps=steps, guard=False)
         if step.scale_invariant:
             return cls(replace(base, target="adam", gamma=1000.0, max_gain_scale=100.0)), True
         return cls(base), False
     quarter = max(steps // 4, 1)
-    return cls(cls.Config(steps=quarter, lr=0.3 / quarter, num_splits=2)), False
+    return cls(cls.Config(steps=quarter, lr=0.3 / quarter, num_splits=2, guard=False)), False
 
 
 def _measures(trial: Trial) -> dict[str, Any]:

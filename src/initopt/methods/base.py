@@ -22,7 +22,7 @@ from initopt.core.progress import Progress
 from initopt.core.step import TrainStep
 from initopt.errors import ConfigError
 
-__all__ = ["Method", "Outcome", "Problem", "get_method", "methods", "register"]
+__all__ = ["Method", "Outcome", "Problem", "check_guard", "get_method", "methods", "register"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -58,6 +58,15 @@ def make_config(config_cls: type, fields: dict[str, Any], method: str) -> Any:
         return config_cls(**fields)
     except TypeError as e:  # pragma: no cover - guarded above
         raise ConfigError(f"{method}: {e}") from None
+
+
+def check_guard(config: Any, method: str) -> None:
+    """Validate the ``guard`` and ``guard_steps`` fields of a learned method's config."""
+    if not isinstance(config.guard, bool):
+        raise ConfigError(f"{method}: guard must be True or False, got {config.guard!r}")
+    v = config.guard_steps
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ConfigError(f"{method}: guard_steps must be a positive integer, got {v!r}")
 
 
 @dataclass

@@ -46,7 +46,7 @@ from initopt.core.optim import RescaleAdam
 from initopt.core.progress import Progress
 from initopt.core.step import TrainStep
 from initopt.errors import ConfigError, LossError
-from initopt.methods.base import Method, Outcome, Problem, register
+from initopt.methods.base import Method, Outcome, Problem, check_guard, register
 
 __all__ = ["GradInit", "GradInitConfig"]
 
@@ -69,6 +69,11 @@ class GradInitConfig:
         betas, eps: of the scale optimizer.
         steps: iterations :math:`T` (both kinds count).
         mode: ``"train"`` (BatchNorm on batch statistics, dropout off) or ``"eval"``.
+        guard: keep the scales only if copies trained from them for ``guard_steps`` real
+            optimizer steps reach a lower held-out loss than copies trained from the start
+            (:func:`initopt.core.guard.guard`); otherwise leave the model as it was. ``False``:
+            the paper's algorithm, scales always applied.
+        guard_steps: optimizer steps of each guard trial.
     """
 
     target: str = "sgd"
@@ -83,8 +88,11 @@ class GradInitConfig:
     eps: float = 1e-8
     steps: int = 390
     mode: str = "train"
+    guard: bool = True
+    guard_steps: int = 25
 
     def __post_init__(self) -> None:
+        check_guard(self, "gradinit")
         if self.target not in ("sgd", "adam"):
             raise ConfigError(f"gradinit: target must be 'sgd' or 'adam', got {self.target!r}")
         for k in ("eta", "gamma", "lr"):

@@ -69,7 +69,7 @@ from initopt.core.precision import HALF
 from initopt.core.progress import Progress
 from initopt.core.quotient import gradient_and_hvp, gradient_quotient, quotient_sums
 from initopt.errors import ConfigError, LossError
-from initopt.methods.base import Method, Outcome, Problem, register
+from initopt.methods.base import Method, Outcome, Problem, check_guard, register
 
 __all__ = ["MetaInit", "MetaInitConfig", "MetaInitRun", "NoiseSource", "embedding_vocabularies"]
 
@@ -115,6 +115,11 @@ class MetaInitConfig:
         beta2, clip: adam variant: second-moment decay and per-scale gradient clip.
         projected_grads: compute scale gradients through conv/linear layers by Euler's
             identity (same values, less work); ``False``: plain autograd.
+        guard: keep the scales only if copies trained from them for ``guard_steps`` real
+            optimizer steps reach a lower held-out loss than copies trained from the start
+            (:func:`initopt.core.guard.guard`); otherwise leave the model as it was. ``False``:
+            the paper's algorithm, scales always applied.
+        guard_steps: optimizer steps of each guard trial.
     """
 
     lr: float = 0.1
@@ -133,8 +138,11 @@ class MetaInitConfig:
     beta2: float = 0.999
     clip: float | None = 1.0
     projected_grads: bool = True
+    guard: bool = True
+    guard_steps: int = 25
 
     def __post_init__(self) -> None:
+        check_guard(self, "metainit")
         for k in ("lr", "eps", "min_norm", "min_scale"):
             _positive(k, getattr(self, k))
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
@@ -414,6 +422,7 @@ class MetaInit(Method):
     name = "metainit"
     Config = MetaInitConfig
     summary = "norms that make the gradient quotient small (the gradient changes little after a step)"
+    uses_optimizer = True
 
     @property
     def mode(self) -> str:

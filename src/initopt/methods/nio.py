@@ -43,7 +43,7 @@ from initopt.core.functional import Evaluator
 from initopt.core.optim import RescaleAdam
 from initopt.core.progress import Progress
 from initopt.errors import ConfigError, DataError, InitOptError, LossError
-from initopt.methods.base import Method, Outcome, Problem, register
+from initopt.methods.base import Method, Outcome, Problem, check_guard, register
 
 __all__ = ["NIO", "NIOConfig"]
 
@@ -68,6 +68,11 @@ class NIOConfig:
         accelerate: compute Linear/Conv gradients through the hooked Gram engine (exact, faster);
             ``False``: plain autograd for every tensor.
         mode: ``"train"`` (BatchNorm on batch statistics, dropout off) or ``"eval"``.
+        guard: keep the scales only if copies trained from them for ``guard_steps`` real
+            optimizer steps reach a lower held-out loss than copies trained from the start
+            (:func:`initopt.core.guard.guard`); otherwise leave the model as it was. ``False``:
+            the paper's algorithm, scales always applied.
+        guard_steps: optimizer steps of each guard trial.
     """
 
     num_splits: int | str = 4
@@ -84,8 +89,11 @@ class NIOConfig:
     adam_eps: float = 1e-8
     accelerate: bool = True
     mode: str = "train"
+    guard: bool = True
+    guard_steps: int = 25
 
     def __post_init__(self) -> None:
+        check_guard(self, "nio")
         d = self.num_splits
         if not (d == "batch" or (isinstance(d, int) and not isinstance(d, bool) and d >= 2)):
             raise ConfigError(f"nio: num_splits must be an integer >= 2 or 'batch', got {d!r}")
@@ -125,6 +133,7 @@ class NIO(Method):
     name = "nio"
     Config = NIOConfig
     summary = "scales that maximize the gradient cosine across sub-batches, under a gradient-norm bound"
+    uses_optimizer = True
 
     def parts(self, batch: Batch) -> list[Batch]:
         """The D disjoint contiguous sub-batches of ``batch``."""
