@@ -139,7 +139,7 @@ def test_loop_equals_hand_written_paper_loop_on_noise(anneal):
     batch = (torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,)))
     kw = {} if anneal is None else {"anneal": anneal}
     ref = _hand_written_metainit(model, (10, 6), 4, steps=12, seed=3, anneal=MetaInitConfig(**kw).anneal)
-    res = initopt.initialize_(model, batch, "metainit", steps=12, seed=3, **kw)
+    res = initopt.initialize_(model, batch, "metainit", guard=False, steps=12, seed=3, **kw)
     assert len(res.history) == 12
     for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12, msg=n)
@@ -219,7 +219,7 @@ def _recovery(kind: str, factor: float, seed: int, perturb: float = 0.0) -> tupl
     held = [(torch.randn(32, *shape, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(3)]
     before_err = _scale_error(model, he)
     before_gq = sum(initopt.gradient_quotient(model, b).gq for b in held) / len(held)
-    res = initopt.initialize_(model, batch, "metainit", seed=seed)
+    res = initopt.initialize_(model, batch, "metainit", guard=False, seed=seed)
     assert len(res.history) == MetaInitConfig().steps
     after_err = _scale_error(model, he)
     after_gq = sum(initopt.gradient_quotient(model, b).gq for b in held) / len(held)
@@ -262,7 +262,7 @@ def test_norms_never_reach_zero_or_flip():
     model = initopt.zoo.mlp(depth=3, width=8, in_features=6)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = (torch.randn(16, 6), torch.randint(0, 10, (16,)))
-    res = initopt.initialize_(model, batch, "metainit", steps=40, lr=3.0, min_norm=0.05)
+    res = initopt.initialize_(model, batch, "metainit", guard=False, steps=40, lr=3.0, min_norm=0.05)
     floors = {n: min(0.05, float(w.norm())) for n, w in w0.items() if w.ndim >= 2}
     assert any(
         float(p.detach().norm()) == pytest.approx(floors[n], rel=1e-5)
@@ -293,7 +293,7 @@ def test_noise_inputs_are_fresh_standard_normal_and_labels_uniform_over_inferred
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7))
     user = (torch.full((64, 3, 4), 5.0), torch.zeros(64, dtype=torch.long))
     rec = _Recorder()
-    initopt.initialize_(model, user, "metainit", steps=4, loss_fn=rec, seed=1)
+    initopt.initialize_(model, user, "metainit", guard=False, steps=4, loss_fn=rec, seed=1)
     # validation (user batch), probe before, 4 steps, probe after
     assert len(rec.batches) == 7
     assert torch.equal(rec.batches[0][0], user[0])
@@ -307,8 +307,8 @@ def test_noise_inputs_are_fresh_standard_normal_and_labels_uniform_over_inferred
     assert ys.dtype == torch.long and int(ys.min()) == 0 and int(ys.max()) == 6
     # the same seed draws the same noise; another seed other noise
     rec2, rec3 = _Recorder(), _Recorder()
-    initopt.initialize_(copy.deepcopy(model), user, "metainit", steps=2, loss_fn=rec2, seed=1)
-    initopt.initialize_(copy.deepcopy(model), user, "metainit", steps=2, loss_fn=rec3, seed=2)
+    initopt.initialize_(copy.deepcopy(model), user, "metainit", guard=False, steps=2, loss_fn=rec2, seed=1)
+    initopt.initialize_(copy.deepcopy(model), user, "metainit", guard=False, steps=2, loss_fn=rec3, seed=2)
     assert torch.equal(rec2.batches[2][0], rec.batches[2][0])
     assert not torch.equal(rec3.batches[2][0], rec.batches[2][0])
 
@@ -317,7 +317,9 @@ def test_noise_shape_overrides():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7))
     user = (torch.randn(8, 12), torch.zeros(8, dtype=torch.long))
     rec = _Recorder()
-    initopt.initialize_(model, user, "metainit", steps=1, loss_fn=rec, input_shape=(3, 4), num_classes=2, batch_size=5)
+    initopt.initialize_(
+        model, user, "metainit", guard=False, steps=1, loss_fn=rec, input_shape=(3, 4), num_classes=2, batch_size=5
+    )
     x, y = rec.batches[1]
     assert x.shape == (5, 3, 4) and y.shape == (5,) and int(y.max()) <= 1
 
@@ -328,7 +330,7 @@ def test_noise_mode_refuses_batches_it_cannot_imitate():
         if mc.name not in ("post_ln_transformer", "tied_lm"):
             continue
         torch.manual_seed(0)
-        res = initopt.initialize_(mc.make(), data_for(mc), "metainit", steps=2)
+        res = initopt.initialize_(mc.make(), data_for(mc), "metainit", guard=False, steps=2)
         assert len(res.history) == 2
     model = nn.Linear(3, 2)
     before = snapshot(model)
@@ -338,10 +340,18 @@ def test_noise_mode_refuses_batches_it_cannot_imitate():
         )
     assert_same(before, snapshot(model))
     with pytest.raises(initopt.ConfigError, match="source='batches'"):
-        initopt.initialize_(model, torch.randn(4, 3), "metainit", steps=1, loss_fn=lambda o, b: o.pow(2).mean())
+        initopt.initialize_(
+            model, torch.randn(4, 3), "metainit", guard=False, steps=1, loss_fn=lambda o, b: o.pow(2).mean()
+        )
     # with the user's batches all of them work
     res = initopt.initialize_(
-        model, torch.randn(4, 3), "metainit", steps=2, loss_fn=lambda o, b: o.pow(2).mean(), source="batches"
+        model,
+        torch.randn(4, 3),
+        "metainit",
+        guard=False,
+        steps=2,
+        loss_fn=lambda o, b: o.pow(2).mean(),
+        source="batches",
     )
     assert len(res.history) == 2
 
@@ -358,7 +368,7 @@ def test_adam_variant_tunes_every_tensor_within_bounds_and_lowers_gq():
             if p.ndim == 1:
                 p.uniform_(-0.1, 0.1)
     batch = (torch.randn(32, 32), torch.randint(0, 10, (32,)))
-    res = initopt.initialize_(model, batch, "metainit", steps=60, variant="adam", lr=0.05, min_scale=0.2)
+    res = initopt.initialize_(model, batch, "metainit", guard=False, steps=60, variant="adam", lr=0.05, min_scale=0.2)
     assert set(res.scales) == {n for n, _ in model.named_parameters()}
     assert any(abs(s - 1) > 1e-3 for n, s in res.scales.items() if n.endswith("bias"))
     assert all(s >= 0.2 - 1e-7 for n, s in res.scales.items() if n.endswith("weight"))

@@ -4,6 +4,7 @@ Hugging Face models (built from configs, nothing downloaded)."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -68,7 +69,9 @@ class _Recorder:
 def _noise(model: nn.Module, batch: Any, steps: int = 3, seed: int = 0, **kw: Any) -> list[Any]:
     """The noise batches MetaInit draws (probe, steps, without the validation pass)."""
     rec = _Recorder()
-    initopt.initialize_(model, batch, "metainit", steps=steps, loss_fn=rec, seed=seed, progress=False, **kw)
+    initopt.initialize_(
+        model, batch, "metainit", guard=False, steps=steps, loss_fn=rec, seed=seed, progress=False, **kw
+    )
     return rec.batches[1:-1]
 
 
@@ -141,7 +144,7 @@ def test_tuple_batches_of_token_ids_draw_ids_within_the_vocabulary():
         seen.append(b)
         return F.cross_entropy(out, b[1])
 
-    initopt.initialize_(model, user, "metainit", steps=3, loss_fn=loss_fn, progress=False)
+    initopt.initialize_(model, user, "metainit", guard=False, steps=3, loss_fn=loss_fn, progress=False)
     for x, y in seen[1:]:
         assert x.shape == (6, 8) and x.dtype == torch.long and 0 <= int(x.min()) and int(x.max()) < 17
         assert y.shape == (6,) and 0 <= int(y.min()) and int(y.max()) < 4
@@ -150,7 +153,7 @@ def test_tuple_batches_of_token_ids_draw_ids_within_the_vocabulary():
     y = torch.randint(0, 4, (6, 8))
     y[:, 6:] = -100
     seen.clear()
-    initopt.initialize_(model, (user[0], y), "metainit", steps=2, progress=False, loss_fn=loss_fn_ce(seen))
+    initopt.initialize_(model, (user[0], y), "metainit", guard=False, steps=2, progress=False, loss_fn=loss_fn_ce(seen))
     for _, yn in seen[1:]:
         assert torch.equal(yn[:, 6:], y[:, 6:]) and int(yn[:, :6].min()) >= 0 and int(yn[:, :6].max()) < 4
 
@@ -174,8 +177,8 @@ def test_noise_names_the_entry_it_cannot_draw():
 
     batch = {"input_ids": torch.randint(0, 5, (4, 3)), "labels": torch.arange(4)}
     with pytest.raises(initopt.ConfigError, match=r"entry 'labels'.*num_classes.*source='batches'"):
-        initopt.initialize_(NoLogits(), batch, "metainit", steps=1, progress=False)
-    r = initopt.initialize_(NoLogits(), batch, "metainit", steps=1, progress=False, num_classes=4)
+        initopt.initialize_(NoLogits(), batch, "metainit", guard=False, steps=1, progress=False)
+    r = initopt.initialize_(NoLogits(), batch, "metainit", guard=False, steps=1, progress=False, num_classes=4)
     assert len(r.history) == 1
 
     class OneHot(nn.Module):  # integer inputs that no nn.Embedding consumes
@@ -189,7 +192,7 @@ def test_noise_names_the_entry_it_cannot_draw():
     with pytest.raises(initopt.ConfigError, match=r"entry 0.*no nn.Embedding.*source='batches'"):
         initopt.initialize_(OneHot(), (torch.randint(0, 5, (4, 3)), torch.arange(4) % 3), "metainit", steps=1)
     with pytest.raises(initopt.ConfigError, match="input_shape applies to"):
-        initopt.initialize_(_TokenModel(), _dict_batch(), "metainit", steps=1, input_shape=(3,))
+        initopt.initialize_(_TokenModel(), _dict_batch(), "metainit", guard=False, steps=1, input_shape=(3,))
 
 
 # ---- tiny Hugging Face models -----------------------------------------------------------------
@@ -280,7 +283,7 @@ def test_metainit_noise_on_tiny_hugging_face_models_lowers_the_gradient_quotient
     model, batches, held = _hf(name)
     params = {n: p for n, p in model.named_parameters()}
     before = _held_out_gq(model, held)
-    r = initopt.initialize_(model, batches, "metainit", steps=50, progress=False)
+    r = initopt.initialize_(model, batches, "metainit", guard=False, steps=50, progress=False)
     after = _held_out_gq(model, held)
     assert r.config.source == "noise"
     assert r.after["gq"] < r.before["gq"]
@@ -294,10 +297,19 @@ def test_metainit_defaults_on_a_tiny_gpt2():
     torch.manual_seed(0)
     model, batches, held = _hf("gpt2", small=True)
     before = _held_out_gq(model, held)
-    r = initopt.initialize_(model, batches, "metainit", progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = initopt.initialize_(model, batches, "metainit", progress=False)
     assert len(r.history) == 500
+    g = r.info["guard"]
+    searched = r.after if g["kept"] else g["search_after"]
+    assert searched["gq"] < 0.2 * r.before["gq"]  # the paper's search lowers GQ (on its probe batch)
     after = _held_out_gq(model, held)
-    assert after < 0.2 * before, (before, after)
+    if g["kept"]:
+        assert after < 0.2 * before, (before, after)
+    else:  # the guard found the scales train worse: the model is as it was, and a warning says so
+        assert after == before and r.after == r.before
+        assert any("left as it was" in str(w.message) for w in caught)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "vit"])
@@ -310,7 +322,7 @@ def test_metainit_noise_on_bfloat16_hugging_face_models_equals_their_float32_cop
     ref = copy.deepcopy(half).float()
     hb = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
     rb = [{k: v.float() if v.is_floating_point() else v for k, v in b.items()} for b in hb]
-    r = initopt.initialize_(half, hb, "metainit", steps=10, progress=False)
-    rr = initopt.initialize_(ref, rb, "metainit", steps=10, progress=False)
+    r = initopt.initialize_(half, hb, "metainit", guard=False, steps=10, progress=False)
+    rr = initopt.initialize_(ref, rb, "metainit", guard=False, steps=10, progress=False)
     assert r.scales == rr.scales and r.history == rr.history
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
