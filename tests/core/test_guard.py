@@ -56,30 +56,49 @@ def _draws(batches):
 
 
 @pytest.mark.parametrize("alpha", [[0.3, 1.0, 2.0, 0.5], [1.5, 1.0, 1.2, 1.0]], ids=["bad", "good"])
-@pytest.mark.parametrize("user", [None, (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})], ids=["assumed", "given"])
+@pytest.mark.parametrize(
+    "user",
+    [None, (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}), (torch.optim.SGD, {"lr": 1e-4})],
+    ids=["assumed", "given", "given-too-slow"],
+)
 def test_trials_equal_hand_training_and_the_rule_follows(alpha, user):
     model = _net()
     space = ScaleSpace(model)
     ev = Evaluator(model, space, Task())
-    order = [_batch(100 + s) for s in range(2 + 6)]  # two held out, then six trial steps
+    order = [_batch(100 + s) for s in range(2 + 24)]  # two held out, then up to 4 x 6 trial steps
     a = torch.tensor(alpha, dtype=space.dtype)
     step = None if user is None else TrainStep.from_spec(user, space)
     kept, info = guard(ev, space, _draws(order), a, step, steps=6)
     specs = list(GUARD_OPTIMIZERS) if user is None else [user]
     assert [t["optimizer"] for t in info["trials"]] == [s[0].__name__ for s in specs]
     assert info["assumed"] is (user is None)
+    hold = order[:2]
     lower, close = [], []
     for t, spec in zip(info["trials"], specs, strict=True):
-        start = _hand_trial(model, [1.0] * 4, spec, order[2:], order[:2])
-        scaled = _hand_trial(model, alpha, spec, order[2:], order[:2])
-        assert t["start"] == pytest.approx(start, rel=1e-10)
-        assert t["scaled"] == pytest.approx(scaled, rel=1e-10)
-        lower.append(scaled < start)
-        close.append(scaled <= start * 1.02)
-    expect = any(lower) and all(close) if user is None else lower[0]
+        b0, b1 = (_hand_trial(model, x, spec, [], hold) for x in ([1.0] * 4, alpha))
+        lowest = min(b0, b1)
+
+        def resolved(n: int, spec=spec, ref=lowest) -> bool:  # by hand: a 5 % fall below the lower start
+            after = min(_hand_trial(model, x, spec, order[2 : 2 + n], hold) for x in ([1.0] * 4, alpha))
+            return after <= 0.95 * ref
+
+        # extended by 6 steps while unresolved, up to 24
+        assert t["steps"] in (6, 12, 18, 24) and all(not resolved(n) for n in range(6, t["steps"], 6))
+        assert t["resolved"] is resolved(t["steps"])
+        assert (t["steps"] == 24) or t["resolved"]
+        train = order[2 : 2 + t["steps"]]
+        start = _hand_trial(model, [1.0] * 4, spec, train, hold)
+        scaled = _hand_trial(model, alpha, spec, train, hold)
+        assert t["start"] == pytest.approx(start, rel=1e-10) and t["start_before"] == pytest.approx(b0, rel=1e-12)
+        assert t["scaled"] == pytest.approx(scaled, rel=1e-10) and t["scaled_before"] == pytest.approx(b1, rel=1e-12)
+        lower.append(t["resolved"] and scaled < start)
+        close.append(lower[-1] or scaled <= start * 1.02)
+    expect = any(lower) and all(close)
     assert info["kept"] is expect
     assert torch.equal(kept, a if expect else torch.ones_like(a))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _net().parameters(), strict=True))
+    if user is not None and user[1]["lr"] == 1e-4:  # nothing learns at this rate: never resolved, start kept
+        assert not info["trials"][0]["resolved"] and info["steps"] == 24 and not info["kept"]
 
 
 def test_two_diverging_trials_keep_the_scales():
@@ -108,7 +127,15 @@ def test_two_diverging_trials_keep_the_scales():
     ],
 )
 def test_the_rule(pairs, kept):
-    assert _better([{"start": a, "scaled": b} for a, b in pairs], 0.02) is kept
+    assert _better([{"start": a, "scaled": b, "resolved": True} for a, b in pairs], 0.02) is kept
+
+
+def test_an_unresolved_trial_cannot_show_the_scales_better():
+    assert not _better([{"start": 2.31, "scaled": 2.30, "resolved": False}], 0.02)
+    # but it may be the other optimizer's trial, within the tolerance
+    assert _better(
+        [{"start": 1.0, "scaled": 0.8, "resolved": True}, {"start": 2.3, "scaled": 2.31, "resolved": False}], 0.02
+    )
 
 
 def _gradinit(model: nn.Module, **kw):

@@ -9,20 +9,27 @@ shrinks GPT-2's LayerNorm gains, NIO moves T5's tensors by up to 20 % and both l
 (``docs/studies.md``: the loss a few real optimizer steps reach predicts the outcome, the
 proxies do not), applied to one method's answer:
 
-1. Draw ``holdout`` held-out batches and ``steps`` training batches from the method's data.
+1. Draw ``holdout`` held-out batches, then training batches, from the method's data.
 2. Train copies of the start tensors (:math:`\\alpha = 1`) and of the scaled tensors
-   (:math:`\\alpha_i W_i^0`) for ``steps`` real optimizer steps each (:class:`~initopt.core.step.Trial`)
-   and measure their mean held-out loss.
-3. Keep the scales only if the scaled copy's loss is *lower* than the start's; otherwise
-   return :math:`\\alpha = 1`, the model as it was.
+   (:math:`\\alpha_i W_i^0`) for ``steps`` real optimizer steps each, on the same batches
+   (:class:`~initopt.core.step.Trial`), and measure their mean held-out loss. While neither copy
+   has lowered its loss by ``min_progress`` (5 %) below the lower of the two initial losses, the
+   trial cannot tell them apart: both are extended by ``steps``, up to ``max_factor * steps``.
+3. Keep the scales only if the scaled copy's loss is *lower* than the start's in a trial that
+   resolved; otherwise return :math:`\\alpha = 1`, the model as it was.
+
+Why the resolution rule: on a Hugging Face ViT, GradInit shrank the classifier and the final
+LayerNorm gain to their floor (×0.01); after 25 steps both copies were still at chance (held-out
+loss 2.302 with the scales, 2.313 without), and the scales, kept on that difference, trained to
+1.74 after 300 steps against 0.50 from the model's own init.
 
 The optimizer is the user's (``optimizer=``). Without one, the guard cannot know how the model
 will be trained, so it tries two, SGD (lr 0.01, momentum 0.9) and Adam (lr 1e-3): the scales
-must be lower under one and no more than ``tolerance`` (2 %, relative) higher under the other.
-(At 25 steps Adam at lr 1e-3 often barely moves a small model, and its two losses then differ by
-round-off-sized amounts that should not decide.) A trial that diverges loses; if the start's
-trial diverges and the scaled one does not, the scales win. The model is never changed here;
-the caller folds the scales.
+must be lower under one (in a resolved trial) and no more than ``tolerance`` (2 %, relative)
+higher under the other. (At 25 steps Adam at lr 1e-3 often barely moves a small model, and its
+two losses then differ by round-off-sized amounts that should not decide.) A trial that diverges
+loses; if the start's trial diverges and the scaled one does not, the scales win. The model is
+never changed here; the caller folds the scales.
 """
 
 from __future__ import annotations
@@ -47,23 +54,59 @@ GUARD_OPTIMIZERS: tuple[tuple[type[torch.optim.Optimizer], dict[str, Any]], ...]
 )
 
 
-def _loss(evaluator: Evaluator, step: TrainStep, tensors: list[torch.Tensor], holdout: list[Batch], train: list[Batch]):
-    """Held-out loss after the trial, ``inf`` when the trial diverged or failed; and its record."""
-    try:
-        trial = Trial(evaluator, step, tensors, holdout)
-        trial.advance(train)
-    except InitOptError as e:
-        return math.inf, {"error": f"{type(e).__name__}: {e}"}
-    rec = trial.record()
-    value = math.inf if rec["diverged"] else rec["holdout_after"]
-    return value, {k: rec[k] for k in ("holdout_before", "holdout_after", "diverged")}
+def _pair(
+    evaluator: Evaluator,
+    step: TrainStep,
+    tensors: dict[str, list[torch.Tensor]],
+    hold: list[Batch],
+    batches: Callable[[int], list[Batch]],
+    steps: int,
+    max_steps: int,
+    min_progress: float,
+) -> dict[str, Any]:
+    """Train the start and the scaled copies side by side with one optimizer; extend both by
+    ``steps`` while unresolved (no copy has lowered its held-out loss by ``min_progress`` below the
+    lower of the two initial losses), up to ``max_steps``. Losses are ``inf`` for a trial that
+    diverged or failed."""
+    trials: dict[str, Trial | None] = {}
+    rec: dict[str, Any] = {**step.describe()}
+    for name, leaves in tensors.items():
+        try:
+            trials[name] = Trial(evaluator, step, leaves, hold)
+        except InitOptError as e:
+            trials[name], rec[f"{name}_error"] = None, f"{type(e).__name__}: {e}"
+
+    def live() -> list[Trial]:
+        return [t for t in trials.values() if t is not None and not t.diverged]
+
+    def unresolved() -> bool:
+        if not live():
+            return False
+        ref = min(t.before for t in live())
+        return min(t.after for t in live()) > (1 - min_progress) * ref
+
+    done = 0
+    while done == 0 or (unresolved() and done < max_steps):
+        n = min(steps, max_steps - done)
+        chunk = batches(done + n)[done : done + n]
+        for t in live():
+            t.advance(chunk)
+        done += n
+    for name, t in trials.items():
+        rec[name] = math.inf if t is None or t.diverged else t.after
+        rec[f"{name}_before"] = math.nan if t is None else t.before
+    rec.update(steps=done, resolved=not unresolved())
+    return rec
 
 
 def _better(trials: list[dict[str, Any]], tolerance: float) -> bool:
-    """Lower under at least one optimizer, and under every other within ``tolerance`` of the start."""
+    """Lower under at least one optimizer in a resolved trial (or the only one that did not
+    diverge), and under every other at most ``tolerance`` (relative) above the start."""
 
     def lower(t: dict[str, Any]) -> bool:
-        return t["scaled"] < t["start"] or (math.isinf(t["start"]) and not math.isinf(t["scaled"]))
+        if math.isinf(t["start"]):
+            return not math.isinf(t["scaled"])
+        return bool(t.get("resolved", True)) and t["scaled"] < t["start"]
 
     def close(t: dict[str, Any]) -> bool:
         return lower(t) or (math.isfinite(t["scaled"]) and t["scaled"] <= t["start"] + tolerance * abs(t["start"]))
@@ -80,6 +123,8 @@ def guard(
     steps: int = 25,
     holdout: int = 2,
     tolerance: float = 0.02,
+    max_factor: int = 4,
+    min_progress: float = 0.05,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Return ``(alpha, info)`` if the scales train better than the start, else ``(ones, info)``.
 
@@ -89,39 +134,52 @@ def guard(
         next_batch: draws the next batch of the method's data (held-out batches first).
         alpha: the scales the method found.
         step: the training optimizer (``None``: SGD and Adam defaults, both must agree).
-        steps: optimizer steps of each trial.
+        steps: optimizer steps of each trial, and the length by which an unresolved trial is
+            extended (up to ``max_factor * steps``).
         holdout: batches the losses are measured on.
         tolerance: without ``step``: how much higher (relative) the scales' loss may be under
             one of the two optimizers when it is lower under the other.
+        max_factor: the longest trial, in multiples of ``steps``.
+        min_progress: a trial is resolved once a copy's held-out loss is this fraction below the
+            lower of the two copies' losses before training; an unresolved trial cannot show
+            that the scales are better.
 
     ``info`` holds ``kept``, ``reason``, the optimizers (``assumed`` when none was given), the
-    trial ``steps`` and, per optimizer, the held-out losses of the start and of the scales.
+    longest trial's ``steps`` and, per optimizer, the held-out losses of the start and of the
+    scales after their trial (``start``, ``scaled``) and before it, the trial's length and
+    whether it ``resolved``.
     """
     hold = [next_batch() for _ in range(holdout)]
-    train = [next_batch() for _ in range(steps)]
+    train: list[Batch] = []
+
+    def batches(n: int) -> list[Batch]:  # one stream, shared by every trial
+        while len(train) < n:
+            train.append(next_batch())
+        return train
+
     assumed = step is None
     trial_steps = [TrainStep.from_spec(s, space) for s in GUARD_OPTIMIZERS] if step is None else [step]
-    start = space.leaves(space.ones())
-    scaled = space.leaves(alpha.detach())
-    trials = []
-    for s in trial_steps:
-        l0, r0 = _loss(evaluator, s, start, hold, train)
-        l1, r1 = _loss(evaluator, s, scaled, hold, train)
-        trials.append({**s.describe(), "start": l0, "scaled": l1, "start_trial": r0, "scaled_trial": r1})
+    tensors = {"start": space.leaves(space.ones()), "scaled": space.leaves(alpha.detach())}
+    max_steps = max_factor * steps
+    trials = [_pair(evaluator, s, tensors, hold, batches, steps, max_steps, min_progress) for s in trial_steps]
     kept = _better(trials, tolerance)
     if all(math.isinf(t["start"]) and math.isinf(t["scaled"]) for t in trials):
         kept, why = True, "both trials diverged under every optimizer tried: the guard cannot judge; scales kept"
     else:
-        losses = ", ".join(f"{t['optimizer']} {t['scaled']:.4g} vs {t['start']:.4g}" for t in trials)
+        losses = ", ".join(
+            f"{t['optimizer']} {t['scaled']:.4g} vs {t['start']:.4g} after {t['steps']} steps"
+            + ("" if t["resolved"] else f" (unresolved: neither copy lowered its loss by {min_progress:.0%})")
+            for t in trials
+        )
         rule = f"lower under one optimizer and within {tolerance:.0%} under the other" if assumed else "lower"
         why = (
-            f"held-out loss after {steps} trial steps with the scales vs without: {losses} "
-            f"(the scales are kept only if {rule})"
+            f"held-out loss of the trials with the scales vs without: {losses}; the scales are kept only if "
+            f"{rule}, in a trial that resolved"
         )
     info = {
         "kept": kept,
         "reason": why,
-        "steps": steps,
+        "steps": max(t["steps"] for t in trials),
         "holdout_batches": holdout,
         "assumed": assumed,
         "trials": trials,
