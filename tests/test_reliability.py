@@ -420,3 +420,18 @@ def test_R25_half_precision_kernel_is_a_precision_error(method):
     model = _CastsToBFloat16().to(torch.bfloat16)
     data = [(x.to(torch.bfloat16), y) for x, y in _data()]
     _fails_and_keeps(model, data, method, initopt.PrecisionError, r"bfloat16.*float32 copy")
+
+
+@pytest.mark.parametrize("method", ["gradinit", "metainit", "nio"])
+def test_R26_scales_that_do_not_train_better_are_not_applied(method):
+    model = _net()
+    before = snapshot(model)
+    raw = initopt.initialize_(_net(), _data(), method, **SMALL[method], guard=False)
+    assert any(s != 1.0 for s in raw.scales.values())  # the search itself moved the scales
+    # at this learning rate no trial copy learns anything: the guard cannot see the scales train better
+    slow = (torch.optim.SGD, {"lr": 1e-9})
+    with pytest.warns(UserWarning, match="left as it was"):
+        res = initopt.initialize_(model, _data(), method, **SMALL[method], guard_steps=2, optimizer=slow)
+    assert res.info["guard"]["kept"] is False and not res.info["guard"]["trials"][0]["resolved"]
+    assert set(res.scales.values()) == {1.0} and res.after == res.before
+    assert_same(snapshot(model), before)
