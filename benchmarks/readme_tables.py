@@ -215,6 +215,7 @@ STUDIES = {
     "start": ("study_start.py", "Starting point and pipelines"),
     "gradinit": ("study_gradinit.py", "Why GradInit from Kaiming can lose (ablations)"),
     "auto": ("study_auto.py", 'method="auto" and GradInit with the training optimizer'),
+    "guard": ("study_guard.py", "The learned methods' guard on the deep plain networks"),
 }
 
 

@@ -115,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
             row.append(f"paper {fmt(paper)}; guarded {fmt(guard)}; kept {n_kept}/{len(kept)}")
         rows.append(row)
+    decisions = []  # (kept, paper's algorithm minus Kaiming) per guarded run
+    for g in (r for r in runs if r["init"].endswith(" (guarded)") and r.get("guard_kept") is not None):
+        key = (g["task"], g["seed"])
+        paper_run = next(
+            r for r in runs if (r["task"], r["seed"], r["init"]) == (*key, g["init"][: -len(" (guarded)")])
+        )
+        start_run = next(r for r in runs if (r["task"], r["seed"], r["init"]) == (*key, "default"))
+        decisions.append((g["guard_kept"], (paper_run["final_test_acc"] or 0.0) - (start_run["final_test_acc"] or 0.0)))
+    agree = sum(k == (d > 0) for k, d in decisions)
+    big_loss = [k for k, d in decisions if d < -0.10]
+    big_gain = [k for k, d in decisions if d > 0.10]
     guard_cost = [
         r["init_in_train_steps"]
         for r in runs
@@ -126,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Init cost of the guarded runs (search + guard), median {statistics.median(guard_cost):.0f} training steps."
         if guard_cost
         else "",
+        f"The guard's decision agreed with the 200-step outcome (kept exactly when the paper's algorithm ended above "
+        f"Kaiming) on {agree} of {len(decisions)} runs; it rejected {len(big_loss) - sum(big_loss)} of the "
+        f"{len(big_loss)} runs where the paper's algorithm lost more than 10 points and kept {sum(big_gain)} of the "
+        f"{len(big_gain)} where it gained more than 10.",
         f"Wall time of this invocation: {seconds:.0f} s; computation in the runs: {compute_seconds(runs):.0f} s.",
     ]
     payload = {
