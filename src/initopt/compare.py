@@ -199,10 +199,11 @@ def compare(
             ``lr * min(1, (t + 1) / warmup_steps)``; ``0`` (default): constant ``lr``.
         betas: Adam's ``(beta1, beta2)`` (``optimizer="adam"`` only; SGD ignores them).
         pass_optimizer: give the run's training optimizer (fresh, with its warmup applied)
-            as ``optimizer=`` to the inits that model a training step: ``True`` to all of
-            them (GradInit's look-ahead then takes its real first step), a list of method
-            names (e.g. ``["auto"]``) to those only, ``False`` to none (GradInit uses the
-            paper's :math:`\\eta`; ``auto`` assumes SGD with lr 0.01 and momentum 0.9).
+            as ``optimizer=`` to the inits that model or trial a training step: ``True`` to
+            all of them (GradInit's look-ahead then takes its real first step; the learned
+            methods' guard trains with it), a list of method names (e.g. ``["auto"]``) to
+            those only, ``False`` to none (GradInit uses the paper's :math:`\\eta`; ``auto``
+            assumes SGD with lr 0.01 and momentum 0.9; the guard tries SGD and Adam).
     """
     if optimizer not in ("sgd", "adam"):
         raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -290,8 +291,8 @@ def compare(
 
 
 def models_a_step(spec: Any, names: Sequence[str] | None = None) -> bool:
-    """Whether an init spec has a stage that models a training step (takes ``optimizer=``),
-    among the methods ``names`` when given."""
+    """Whether an init spec has a stage that models or trials a training step (takes
+    ``optimizer=``), among the methods ``names`` when given."""
     if isinstance(spec, Method):
         return spec.uses_optimizer and (names is None or spec.name in names)
     if isinstance(spec, str):

@@ -110,7 +110,8 @@ class Method(ABC):
 
     Subclasses set ``name``, ``Config`` (a frozen dataclass with a ``steps`` field) and
     ``summary``, and implement :meth:`search`. ``uses_optimizer`` is true for methods whose
-    objective models a training step (they read :attr:`Problem.step`).
+    objective models a training step or whose result is checked by training (they read
+    :attr:`Problem.step`; the learned methods' guard, :mod:`initopt.core.guard`, trains with it).
     """
 
     name: ClassVar[str]
