@@ -31,10 +31,12 @@ CASES: dict[str, tuple[Any, dict[str, Any], str]] = {
     "lsuv": ("lsuv", {}, "one"),
     "hessian": ("hessian", {}, "one"),
     "hessian_data": ("hessian", {"mode": "data", "steps": 4, "iterations": 8}, "one"),
-    "gradinit": ("gradinit", {"steps": 12, "gamma": 0.25, "lr": 0.05}, "one"),
-    "nio": ("nio", {"steps": 8, "num_splits": 2, "gamma": 0.4, "lr": 0.05}, "one"),
-    "metainit": ("metainit", {"steps": 8, "source": "batches", "lr": 0.05}, "one"),
-    "metainit_noise": ("metainit", {"steps": 4, "lr": 0.05}, "one"),
+    "gradinit": ("gradinit", {"steps": 12, "gamma": 0.25, "lr": 0.05, "guard": False}, "one"),
+    # the guard on: its trials average gradients and losses over ranks, so the ranks decide alike
+    "gradinit_guarded": ("gradinit", {"steps": 12, "gamma": 0.25, "lr": 0.05, "guard_steps": 4}, "one"),
+    "nio": ("nio", {"steps": 8, "num_splits": 2, "gamma": 0.4, "lr": 0.05, "guard": False}, "one"),
+    "metainit": ("metainit", {"steps": 8, "source": "batches", "lr": 0.05, "guard": False}, "one"),
+    "metainit_noise": ("metainit", {"steps": 4, "lr": 0.05, "guard": False}, "one"),
     "auto": (
         "auto",
         {"starts": ("kaiming", "lsuv", "hessian"), "learned": (), "trial_steps": 4, "max_trial_steps": 8, "holdout": 1},
@@ -45,11 +47,11 @@ CASES: dict[str, tuple[Any, dict[str, Any], str]] = {
         {"starts": ("model", "kaiming"), "learned": ("gradinit", "nio"), "trial_steps": 3, "holdout": 1, "steps": 8},
         "many",
     ),
-    "pipeline": (["hessian", ("gradinit", {"steps": 4})], {}, "one"),
-    "float32_nio": ("nio", {"steps": 4, "num_splits": 2}, "float32"),
+    "pipeline": (["hessian", ("gradinit", {"steps": 4, "guard": False})], {}, "one"),
+    "float32_nio": ("nio", {"steps": 4, "num_splits": 2, "guard": False}, "float32"),
     # a BatchNorm CNN (batch statistics per rank; the NIO Gram engine on convolutions): ranks agree
-    "cnn_nio": ("nio", {"steps": 4, "num_splits": 2}, "cnn"),
-    "cnn_gradinit": ("gradinit", {"steps": 4}, "cnn"),
+    "cnn_nio": ("nio", {"steps": 4, "num_splits": 2, "guard": False}, "cnn"),
+    "cnn_gradinit": ("gradinit", {"steps": 4, "guard": False}, "cnn"),
     "cnn_lsuv": ("lsuv", {}, "cnn"),
 }
 
@@ -114,6 +116,7 @@ def run_case(rank: int, name: str) -> dict[str, Any]:
         "branches": [h.get("branch") for h in res.history],
         "history": [{k: v for k, v in h.items() if "second" not in k} for h in res.history],
         "choice": res.info.get("choice"),
+        "guard": res.info.get("guard"),
     }
 
 

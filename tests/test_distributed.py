@@ -101,7 +101,12 @@ def test_ranks_bit_identical(ranks, name):
     assert a["before"] == b["before"] and a["after"] == b["after"]
     assert a["branches"] == b["branches"] and a["choice"] == b["choice"]
     assert a["history"] == b["history"]  # every recorded measure, except wall times
-    assert any(abs(s - 1.0) > 1e-3 for s in a["scales"].values()), "the case changed nothing"
+    assert a["guard"] == b["guard"]  # the guard's trials and decision
+    if a["guard"] is not None and not a["guard"]["kept"]:
+        assert all(s == 1.0 for s in a["scales"].values())  # rejected on every rank alike
+        assert any(h["branch"] for h in a["history"])  # the search itself ran
+    else:
+        assert any(abs(s - 1.0) > 1e-3 for s in a["scales"].values()), "the case changed nothing"
 
 
 def test_different_models_raise_on_every_rank(ranks):
