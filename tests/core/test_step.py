@@ -169,9 +169,17 @@ def test_gradinit_with_plain_sgd_equals_unnormalized_eta():
     """optimizer=SGD(lr=eta) is GradInit's unnormalized sgd target at that eta."""
     data = [_batch(s) for s in range(4)]
     a, b = _net(), _net()
-    ra = initopt.initialize_(a, data, "gradinit", steps=6, lr=0.05, normalize=False, eta=0.2, gamma=100.0)
+    ra = initopt.initialize_(a, data, "gradinit", steps=6, lr=0.05, normalize=False, eta=0.2, gamma=100.0, guard=False)
     rb = initopt.initialize_(
-        b, data, "gradinit", steps=6, lr=0.05, eta=0.2, gamma=100.0, optimizer=(torch.optim.SGD, {"lr": 0.2})
+        b,
+        data,
+        "gradinit",
+        steps=6,
+        lr=0.05,
+        eta=0.2,
+        gamma=100.0,
+        optimizer=(torch.optim.SGD, {"lr": 0.2}),
+        guard=False,
     )
     assert ra.scales == pytest.approx(rb.scales, rel=1e-9)
     assert rb.info["bound"] == "l2" and rb.info["lookahead"]["optimizer"] == "SGD"
