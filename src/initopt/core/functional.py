@@ -25,23 +25,25 @@ from initopt.core.blocks import ScaleSpace
 from initopt.core.precision import HALF, batch_to_float32, to_float32
 from initopt.errors import LossError
 
-__all__ = ["Evaluator", "evaluation", "search_mode"]
+__all__ = ["DROPOUT_FUNCTIONS", "Evaluator", "NoDropout", "caller_handles_dropout", "evaluation", "search_mode"]
 
-_DROPOUT = {
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    F.alpha_dropout,
-    F.feature_alpha_dropout,
-    torch.dropout,
-    torch.alpha_dropout,
-    torch.feature_alpha_dropout,
-    torch.feature_dropout,
-}
+DROPOUT_FUNCTIONS = frozenset(
+    {
+        F.dropout,
+        F.dropout1d,
+        F.dropout2d,
+        F.dropout3d,
+        F.alpha_dropout,
+        F.feature_alpha_dropout,
+        torch.dropout,
+        torch.alpha_dropout,
+        torch.feature_alpha_dropout,
+        torch.feature_dropout,
+    }
+)
 
 
-class _NoDropout(TorchFunctionMode):
+class NoDropout(TorchFunctionMode):
     """Makes every dropout the identity: the ``F.dropout`` family, the ``dropout_p`` of
     scaled-dot-product attention and of ``F.multi_head_attention_forward``.
 
@@ -51,7 +53,7 @@ class _NoDropout(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if func in _DROPOUT:
+        if func in DROPOUT_FUNCTIONS:
             return args[0] if args else kwargs["input"]
         position = _DROPOUT_ARG.get(func)
         if position is not None:
@@ -69,6 +71,18 @@ _DROPOUT_ARG = {F.scaled_dot_product_attention: 4, F.multi_head_attention_forwar
 # function mode is entered around forwards only, so the bookkeeping between them (norms,
 # scale gradients, optimizer) does not pay its per-call Python cost.
 _DROPOUT_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("initopt_dropout_off", default=False)
+
+
+@contextlib.contextmanager
+def caller_handles_dropout() -> Iterator[None]:
+    """Inside this context, forwards run by an :class:`Evaluator` leave dropout as it is, so a
+    caller can place :class:`NoDropout` itself, e.g. below a function mode that must see the
+    dropout calls (and their ``p``) before they become the identity."""
+    token = _DROPOUT_OFF.set(False)
+    try:
+        yield
+    finally:
+        _DROPOUT_OFF.reset(token)
 
 
 @contextlib.contextmanager
@@ -151,7 +165,7 @@ class Evaluator:
         if self.space.upcast:
             batch = batch_to_float32(batch)
         if _DROPOUT_OFF.get():
-            with _NoDropout():
+            with NoDropout():
                 return torch.func.functional_call(self._caller, state, (batch,), strict=False)
         return torch.func.functional_call(self._caller, state, (batch,), strict=False)
 

@@ -1,28 +1,38 @@
-"""The one interface every initialization method implements, and the method registry.
+"""The one interface every initialization method implements, the method registry, and the
+engine that runs one method.
 
 A method is a frozen config dataclass plus a class with one verb, :meth:`Method.search`,
-which returns per-tensor scales without touching the model; :func:`initopt.initialize_`
-validates the input, enters the search mode, runs the search and folds the scales in.
+which returns per-tensor scales without touching the model; :func:`run_method` (behind
+:func:`initopt.initialize_` and :meth:`Method.initialize_`) validates the input, enters the
+search mode, runs the search and the learned methods' guard, and folds the scales in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from initopt.core.batches import Batch, BatchSource
-from initopt.core.blocks import ScaleSpace
-from initopt.core.functional import Evaluator
+from initopt.core import dist
+from initopt.core.batches import Batch, BatchSource, Task, check_loss, describe
+from initopt.core.blocks import ScaleSpace, apply_scales_
+from initopt.core.functional import Evaluator, search_mode
+from initopt.core.guard import guard
+from initopt.core.precision import precision_error
 from initopt.core.progress import Progress
-from initopt.core.step import TrainStep
-from initopt.errors import ConfigError
+from initopt.core.step import OptimizerSpec, TrainStep
+from initopt.errors import ConfigError, DataError, InitOptError, LossError, ModelError
+from initopt.result import InitResult
 
-__all__ = ["Method", "Outcome", "Problem", "check_guard", "get_method", "methods", "register"]
+__all__ = ["Method", "Outcome", "Problem", "check_guard", "get_method", "methods", "register", "run_method"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -149,8 +159,153 @@ class Method(ABC):
     def search(self, problem: Problem, steps: int, progress: Progress) -> Outcome:
         """Find the scales. Must not write into ``problem.model``."""
 
-    def initialize_(self, model: nn.Module, data: Any, **kwargs: Any) -> Any:
+    def initialize_(self, model: nn.Module, data: Any, **kwargs: Any) -> InitResult:
         """Run this method on ``model`` in place; see :func:`initopt.initialize_`."""
-        from initopt.api import run_method
-
         return run_method(self, model, data, **kwargs)
+
+
+# -- the engine: validate, search, guard, fold the scales in ---------------------------------
+
+
+def _devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def _validate(evaluator: Evaluator, batch: Any) -> None:
+    """One forward and loss on the first batch, with every failure named."""
+    tensors = evaluator.space.leaves(evaluator.space.ones())
+    try:
+        loss = evaluator.loss(tensors, batch, where="the first batch")
+    except InitOptError:
+        raise
+    except Exception as e:
+        pe = precision_error(e, evaluator.model, "the forward pass on the first batch")
+        if pe is not None and evaluator.space.upcast:  # a float32 model that fails on half data: a DataError
+            raise pe from e
+        raise DataError(f"the model could not take the first batch {describe(batch)}: {type(e).__name__}: {e}") from e
+    check_loss(loss, "the first batch")
+    if not loss.requires_grad:
+        raise LossError("the loss on the first batch does not depend on any trainable parameter")
+    if not bool(torch.isfinite(loss)):
+        raise LossError(f"the loss on the first batch is {float(loss.detach())}; expected a finite number")
+
+
+def run_method(
+    method: Method,
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    optimizer: OptimizerSpec = None,
+) -> InitResult:
+    """Run one method on ``model`` in place (the engine behind :func:`initialize_`)."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    steps = method.config.steps if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
+    task = Task(loss_fn=loss_fn, forward_fn=forward_fn)
+    space = method.make_space(model)
+    step = None if optimizer is None else TrainStep.from_spec(optimizer, space)
+    evaluator = Evaluator(model, space, task)
+    if dist.active():
+        _check_ranks(method.name, space, steps, seed)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=_devices(model)), search_mode(model, method.mode):
+        torch.manual_seed(seed)
+        try:
+            batches = BatchSource(data, space.device)
+            _validate(evaluator, batches.first)
+        except InitOptError as e:
+            dist.fail_together(e, f"{method.name}: the check of the data and the first batch")
+            raise
+        dist.fail_together(None, f"{method.name}: the check of the data and the first batch")
+        generator = torch.Generator(device=space.device).manual_seed(seed)
+        problem = Problem(model, space, evaluator, batches, generator, seed, step)
+        with Progress(method.progress_total(steps), desc=method.name, enabled=progress) as bar:
+            try:
+                outcome = method.search(problem, steps, bar)
+                if getattr(method.config, "guard", False) and steps > 0:
+                    _guard(method, problem, outcome)
+            except RuntimeError as e:
+                pe = precision_error(e, model, f"{method.name}'s search")
+                if pe is not None:
+                    raise pe from e
+                raise
+    seconds = time.perf_counter() - t0
+    if dist.active():
+        outcome.alpha = dist.agree_(outcome.alpha, method.name)
+    _check_outcome(method.name, outcome)
+    scales = space.to_scales(outcome.alpha)
+    apply_scales_(model, scales)
+    config = method.config
+    if getattr(config, "steps", steps) != steps:  # the config records the iterations actually run
+        config = dataclasses.replace(config, steps=steps)
+    return InitResult(
+        method=method.name,
+        config=config,
+        scales=scales,
+        history=outcome.history,
+        seconds=seconds,
+        unscalable=tuple(space.unscalable),
+        before=outcome.before,
+        after=outcome.after,
+        info=outcome.info,
+        seed=seed,
+    )
+
+
+def _guard(method: Method, problem: Problem, outcome: Any) -> None:
+    """Replace ``outcome``'s scales by ones unless they train better than the start (in place;
+    see :mod:`initopt.core.guard`). A warning says when the model is left as it was."""
+    alpha = outcome.alpha.detach()
+    if not bool(torch.isfinite(alpha).all()) or bool((alpha == 1).all()):
+        return  # non-finite scales are an error below; ones need no trial
+    with search_mode(problem.model, "train"):
+        kept, info = guard(
+            problem.evaluator, problem.space, problem.next_batch, alpha, problem.step, method.config.guard_steps
+        )
+    outcome.info = {**outcome.info, "guard": info}
+    if not info["kept"]:
+        outcome.alpha = kept
+        outcome.info["guard"]["search_after"] = dict(outcome.after)
+        outcome.after = dict(outcome.before)
+        warnings.warn(
+            f"{method.name}: its scales did not train better than the model's own tensors, so the model was "
+            f"left as it was: {info['reason']}. Pass guard=False to apply them anyway.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _check_ranks(name: str, space: Any, steps: int, seed: int) -> None:
+    """Distributed: every rank must start from the same model, seed and number of steps."""
+    shape = torch.tensor([float(len(space.blocks))], dtype=torch.float64)
+    dist.check_same(shape, f"{name}: the numbers of trainable tensors of the models")
+    norms = [b.init_norm for b in space.blocks]
+    dist.check_same(
+        torch.tensor([float(seed), float(steps), *norms], dtype=torch.float64),
+        f"{name}: the seeds, steps or initial tensor norms (the models must be identical on every rank "
+        "before the call: build them with the same seed, or broadcast rank 0's state)",
+        ["seed", "steps", *(f"the norm of {b.name}" for b in space.blocks)],
+    )
+
+
+def _check_outcome(name: str, outcome: Any) -> None:
+    """Non-finite scales or measures are an error, wherever they came from; nothing is applied."""
+    if not bool(torch.isfinite(outcome.alpha).all()):
+        raise LossError(
+            f"{name}: the search produced non-finite scales (a loss or gradient turned NaN/Inf during it); "
+            "the model was left as it was"
+        )
+    for when, measures in (("before", outcome.before), ("after", outcome.after)):
+        bad = {k: v for k, v in measures.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            raise LossError(
+                f"{name}: its measures {when} the search are not finite ({bad}): a loss or gradient turned "
+                "NaN/Inf; the model was left as it was"
+            )

@@ -59,7 +59,7 @@ from initopt.core.affine import fname, record_affine, tensors_in
 from initopt.core.batches import Batch
 from initopt.core.blocks import ScaleSpace
 from initopt.core.curvature import HessianOperator, hutchpp, top_eigenvalues
-from initopt.core.functional import _DROPOUT, _DROPOUT_OFF, Evaluator, _NoDropout
+from initopt.core.functional import DROPOUT_FUNCTIONS, Evaluator, NoDropout, caller_handles_dropout
 from initopt.core.progress import Progress
 from initopt.errors import ConfigError, LossError
 from initopt.methods.base import Method, Outcome, Problem, register
@@ -385,7 +385,7 @@ class _Recorder(TorchFunctionMode):
         if not is_first or not isinstance(out, torch.Tensor):
             self._stop(ch, f"{name} (not an elementwise function of the layer output)")
             return
-        if func in _DROPOUT:
+        if func in DROPOUT_FUNCTIONS:
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
             ch.keep *= 1.0 - float(p)
             self._move(ch, out)
@@ -522,15 +522,11 @@ def trace_layers(
             handles.append(modules[name].register_forward_hook(post(name)))
         # dropout off as in every search, but with the recorder above the dropout switch so that
         # it sees the dropout calls (and their p) before they become the identity
-        token = _DROPOUT_OFF.set(False)
-        try:
-            with torch.no_grad(), _NoDropout(), rec:
-                out = evaluator.output(list(tensors), batch)
-                rec.model_output(out)
-                rec.in_loss = True
-                loss = evaluator.task.loss(out, batch)
-        finally:
-            _DROPOUT_OFF.reset(token)
+        with caller_handles_dropout(), torch.no_grad(), NoDropout(), rec:
+            out = evaluator.output(list(tensors), batch)
+            rec.model_output(out)
+            rec.in_loss = True
+            loss = evaluator.task.loss(out, batch)
     finally:
         for h in handles:
             h.remove()
@@ -933,11 +929,9 @@ def hessian_normal_(
     Returns:
         ``{weight name: sigma}`` for every redrawn tensor.
     """
-    from initopt.api import initialize_
-
     if config.get("mode", "analytic") != "analytic":
         raise ConfigError("hessian_normal_ redraws with the analytic rule; mode must be 'analytic'")
-    res = initialize_(model, data, "hessian", loss_fn=loss_fn, forward_fn=forward_fn, seed=seed, **config)
+    res = HessianInit(**config).initialize_(model, data, loss_fn=loss_fn, forward_fn=forward_fn, seed=seed)
     last: dict[str, float] = {}
     for h in res.history:
         if "variance" in h:
