@@ -187,3 +187,25 @@ def test_bad_guard_settings_are_config_errors(method, field, value):
 def test_steps_zero_runs_no_trial():
     res, _ = _gradinit(_net(), steps=0)
     assert "guard" not in res.info and set(res.scales.values()) == {1.0}
+
+
+def test_progress_shows_the_guard_trials(capsys):
+    pytest.importorskip("tqdm")
+    ticks = []
+    model = _net()
+    space = ScaleSpace(model)
+    order = [_batch(300 + s) for s in range(2 + 24)]
+    guard(
+        Evaluator(model, space, Task()),
+        space,
+        _draws(order),
+        torch.full((4,), 0.9, dtype=space.dtype),
+        None,
+        6,
+        on_trial=ticks.append,
+    )
+    assert ticks == [s[0].__name__ for s in GUARD_OPTIMIZERS]  # one call per optimizer tried
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        initopt.initialize_(_net(), DATA, "gradinit", steps=3, progress=True)
+    assert "gradinit guard" in capsys.readouterr().err

@@ -123,6 +123,7 @@ def guard(
     holdout: int = 2,
     max_factor: int = 4,
     min_progress: float = 0.05,
+    on_trial: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Return ``(alpha, info)`` if the scales train better than the start, else ``(ones, info)``.
 
@@ -136,6 +137,8 @@ def guard(
             extended (up to ``max_factor * steps``).
         holdout: batches the losses are measured on.
         max_factor: the longest trial, in multiples of ``steps``.
+        on_trial: called with the optimizer's name after each optimizer's pair of trials
+            (progress display).
         min_progress: a trial is resolved once a copy's held-out loss is this fraction below the
             lower of the two copies' losses before training; an unresolved trial cannot show
             that the scales are better.
@@ -157,7 +160,11 @@ def guard(
     trial_steps = [TrainStep.from_spec(s, space) for s in GUARD_OPTIMIZERS] if step is None else [step]
     tensors = {"start": space.leaves(space.ones()), "scaled": space.leaves(alpha.detach())}
     max_steps = max_factor * steps
-    trials = [_pair(evaluator, s, tensors, hold, batches, steps, max_steps, min_progress) for s in trial_steps]
+    trials = []
+    for s in trial_steps:
+        trials.append(_pair(evaluator, s, tensors, hold, batches, steps, max_steps, min_progress))
+        if on_trial is not None:
+            on_trial(s.cls.__name__)
     kept = _better(trials)
     if all(math.isinf(t["start"]) and math.isinf(t["scaled"]) for t in trials):
         kept, why = True, "both trials diverged under every optimizer tried: the guard cannot judge; scales kept"

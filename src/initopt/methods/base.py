@@ -25,7 +25,7 @@ from initopt.core import dist
 from initopt.core.batches import Batch, BatchSource, Task, check_loss, describe
 from initopt.core.blocks import ScaleSpace, apply_scales_
 from initopt.core.functional import Evaluator, search_mode
-from initopt.core.guard import guard
+from initopt.core.guard import GUARD_OPTIMIZERS, guard
 from initopt.core.precision import precision_error
 from initopt.core.progress import Progress
 from initopt.core.step import OptimizerSpec, TrainStep
@@ -230,7 +230,7 @@ def run_method(
             try:
                 outcome = method.search(problem, steps, bar)
                 if getattr(method.config, "guard", False) and steps > 0:
-                    _guard(method, problem, outcome)
+                    _guard(method, problem, outcome, progress)
             except RuntimeError as e:
                 pe = precision_error(e, model, f"{method.name}'s search")
                 if pe is not None:
@@ -259,15 +259,23 @@ def run_method(
     )
 
 
-def _guard(method: Method, problem: Problem, outcome: Any) -> None:
+def _guard(method: Method, problem: Problem, outcome: Any, progress: bool | None = None) -> None:
     """Replace ``outcome``'s scales by ones unless they train better than the start (in place;
-    see :mod:`initopt.core.guard`). A warning says when the model is left as it was."""
+    see :mod:`initopt.core.guard`). A warning says when the model is left as it was; a
+    progress bar (one tick per optimizer tried) shows the trials."""
     alpha = outcome.alpha.detach()
     if not bool(torch.isfinite(alpha).all()) or bool((alpha == 1).all()):
         return  # non-finite scales are an error below; ones need no trial
-    with search_mode(problem.model, "train"):
+    n = 1 if problem.step is not None else len(GUARD_OPTIMIZERS)
+    with search_mode(problem.model, "train"), Progress(n, desc=f"{method.name} guard", enabled=progress) as bar:
         kept, info = guard(
-            problem.evaluator, problem.space, problem.next_batch, alpha, problem.step, method.config.guard_steps
+            problem.evaluator,
+            problem.space,
+            problem.next_batch,
+            alpha,
+            problem.step,
+            method.config.guard_steps,
+            on_trial=lambda name: bar.update(trial=name),
         )
     outcome.info = {**outcome.info, "guard": info}
     if not info["kept"]:
