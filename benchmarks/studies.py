@@ -27,6 +27,7 @@ counts disagree in sign, and *inconclusive* otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -38,6 +39,7 @@ import torch
 from common import provenance
 from torch import nn
 
+from initopt import get_method, methods
 from initopt.compare import compare
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,7 +70,8 @@ def kaiming_(model: nn.Module, nonlinearity: str = "relu") -> nn.Module:
 
 CACHE = Path(__file__).resolve().parent / ".cache"  # finished runs, one JSON line each (not committed)
 
-GUARDED = ("gradinit", "metainit", "nio")  # the learned methods, whose guard the studies turn off
+# the methods with a guard (a ``guard`` config field), which the studies turn off
+GUARDED = tuple(n for n in methods() if "guard" in {f.name for f in dataclasses.fields(get_method(n).Config)})
 _GUARD_FIELDS = ("guard", "guard_steps")
 
 
@@ -88,8 +91,6 @@ def paper_algorithm(spec: Any, init_steps: int | None = None) -> Any:
         return [paper_algorithm(s) for s in spec]
     config = getattr(spec, "config", None)
     if config is not None and hasattr(config, "guard"):
-        import dataclasses
-
         return type(spec)(dataclasses.replace(config, guard=False))
     return spec
 

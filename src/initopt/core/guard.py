@@ -45,7 +45,7 @@ import torch
 from initopt.core.batches import Batch
 from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
-from initopt.core.step import DEFAULT_OPTIMIZER, TrainStep, Trial
+from initopt.core.step import DEFAULT_OPTIMIZER, TrainStep, Trial, unresolved
 from initopt.errors import InitOptError
 
 __all__ = ["GUARD_OPTIMIZERS", "guard"]
@@ -78,26 +78,18 @@ def _pair(
         except InitOptError as e:
             trials[name], rec[f"{name}_error"] = None, f"{type(e).__name__}: {e}"
 
-    def live() -> list[Trial]:
-        return [t for t in trials.values() if t is not None and not t.diverged]
-
-    def unresolved() -> bool:
-        if not live():
-            return False
-        ref = min(t.before for t in live())
-        return min(t.after for t in live()) > (1 - min_progress) * ref
-
+    made = [t for t in trials.values() if t is not None]
     done = 0
-    while done == 0 or (unresolved() and done < max_steps):
+    while done == 0 or (unresolved(made, min_progress) and done < max_steps):
         n = min(steps, max_steps - done)
         chunk = batches(done + n)[done : done + n]
-        for t in live():
-            t.advance(chunk)
+        for t in made:
+            t.advance(chunk)  # a diverged trial does not move
         done += n
     for name, t in trials.items():
         rec[name] = math.inf if t is None or t.diverged else t.after
         rec[f"{name}_before"] = math.nan if t is None else t.before
-    rec.update(steps=done, resolved=not unresolved())
+    rec.update(steps=done, resolved=not unresolved(made, min_progress))
     return rec
 
 

@@ -35,7 +35,7 @@ from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.errors import ConfigError, LossError
 
-__all__ = ["DEFAULT_OPTIMIZER", "OptimizerSpec", "TrainStep", "Trial", "parse_optimizer", "trial_run"]
+__all__ = ["DEFAULT_OPTIMIZER", "OptimizerSpec", "TrainStep", "Trial", "parse_optimizer", "trial_run", "unresolved"]
 
 OptimizerSpec = Any  # torch.optim.Optimizer | type[Optimizer] | tuple[type[Optimizer], dict] | None
 
@@ -326,6 +326,17 @@ class Trial:
             "steps": self.steps,
             "step_seconds": s[len(s) // 2] if s else math.nan,
         }
+
+
+def unresolved(trials: Sequence[Trial], min_progress: float) -> bool:
+    """Whether side-by-side trials cannot yet be told apart: no trial that has not diverged has
+    lowered its held-out loss by ``min_progress`` below the lowest loss any of them began at (a
+    network that learned nothing stays near that level). ``False`` when every trial diverged."""
+    live = [t for t in trials if not t.diverged]
+    if not live:
+        return False
+    ref = min(t.before for t in live)
+    return min(t.after for t in live) > (1 - min_progress) * ref
 
 
 def trial_run(

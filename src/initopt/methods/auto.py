@@ -37,7 +37,7 @@ import torch
 
 from initopt.core.functional import search_mode
 from initopt.core.progress import Progress
-from initopt.core.step import DEFAULT_OPTIMIZER, TrainStep, Trial
+from initopt.core.step import DEFAULT_OPTIMIZER, TrainStep, Trial, unresolved
 from initopt.errors import ConfigError, InitOptError
 from initopt.methods.base import Method, Outcome, Problem, get_method, register
 
@@ -187,16 +187,10 @@ class Auto(Method):
         def live_starts() -> list[dict[str, Any]]:
             return [c for c in candidates if c["name"] in trials and not trials[c["name"]].diverged]
 
-        def unresolved() -> bool:
-            """No start has yet lowered its held-out loss by ``min_progress`` below the lowest
-            loss any start began at (a network that learned nothing stays near that level)."""
-            live = [trials[c["name"]] for c in live_starts()]
-            if not live:
-                return False
-            ref = min(t.before for t in live)
-            return min(t.after for t in live) > (1 - cfg.min_progress) * ref
+        def starts_unresolved() -> bool:
+            return unresolved([trials[c["name"]] for c in live_starts()], cfg.min_progress)
 
-        while unresolved():
+        while starts_unresolved():
             more = min(cfg.trial_steps, cfg.max_trial_steps - len(train))
             if more <= 0:
                 break
@@ -223,7 +217,7 @@ class Auto(Method):
             for c in candidates
             if c is not best
         )
-        resolved = not unresolved()
+        resolved = not starts_unresolved()
         chosen, reason = (
             best,
             (
