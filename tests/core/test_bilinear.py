@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from initopt.core import bilinear
 from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.quotient import gradient_and_hvp, quotient_sums
 
@@ -18,6 +21,9 @@ LAYERS = [
     ("conv2d_groups_nobias", lambda: nn.Conv2d(4, 6, 3, groups=2, bias=False), (2, 4, 5, 5)),
     ("conv2d_circular", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (2, 2, 5, 5)),
     ("conv3d", lambda: nn.Conv3d(2, 2, 2, stride=(1, 2, 1)), (1, 2, 4, 5, 3)),
+    # fan-in 3 x 3 x 3 < DIRECTION_MIN_FAN_IN: the unfold-and-multiply forward kernel
+    ("conv2d_small_fan_in", lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 6, 6)),
+    ("conv2d_wide_fan_in", lambda: nn.Conv2d(8, 3, 3, padding=1), (2, 8, 5, 5)),
 ]
 
 
@@ -173,3 +179,82 @@ def test_zero_weight_gives_zero_not_nan():
         y = F.linear(x, w)
     d = pwg.scale_gradient((y + 1).pow(2).sum(), [w], [w.detach()], torch.zeros(1, dtype=torch.float64))
     assert d.tolist() == [0.0]
+
+
+@pytest.mark.parametrize("name,make,shape", LAYERS, ids=[c[0] for c in LAYERS])
+def test_first_order_backward_equals_autograd(name, make, shape):
+    """Without a graph to build, the backward takes both gradients in one kernel call."""
+    torch.manual_seed(0)
+    layer = make().double()
+    x0 = torch.randn(*shape, dtype=torch.float64)
+    outs = []
+    for fast in (False, True):
+        w = layer.weight.detach().clone().requires_grad_(True)
+        x = x0.clone().requires_grad_(True)
+        pwg = ProjectedWeightGrads([w])
+        with pwg.intercept() if fast else contextlib.nullcontext():
+            y = _call(layer, w, layer.bias, x)
+        outs.append(torch.autograd.grad(torch.tanh(y).pow(2).sum(), [x, w]))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_small_fan_in_forward_kernel_is_unfold_and_multiply():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    w = conv.weight.detach().clone()
+    pwg = ProjectedWeightGrads([w])
+    with pwg.intercept():
+        y = _call(conv, w, None, x)
+    torch.testing.assert_close(y, F.conv2d(x, w, conv.bias, padding=1), rtol=1e-12, atol=1e-13)
+    k = bilinear._Conv(2, 1, 1, 1, 1)
+    assert k._im2col(x, w) and not k._im2col(x, torch.zeros(5, 8, 3, 3, dtype=torch.float64))
+
+
+def _direction_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # fan-in 27: keeps the weight-gradient kernel
+        nn.Tanh(),
+        nn.Conv2d(8, 4, 3, stride=2),  # fan-in 72: one forward kernel with the direction
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).double()
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_direction_scale_gradients_equal_plain_autograd(order):
+    """<dJ/dtheta', W0> at theta' = alpha W0 - delta (GradInit's look-ahead; order 2: a
+    gradient-norm objective through the same point)."""
+    model = _direction_model()
+    names = [n for n, _ in model.named_parameters()]
+    w0 = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+    alpha = torch.tensor([1.3, 0.7, 0.9, 1.1, 0.8, 1.2], dtype=torch.float64)
+    delta = [0.05 * torch.randn(w.shape, generator=g, dtype=torch.float64) for w in w0]
+
+    def objective(fast: bool) -> torch.Tensor:
+        moved = [(w * a - d).requires_grad_(True) for w, a, d in zip(w0, alpha, delta, strict=True)]
+        pwg = ProjectedWeightGrads(moved, directions=w0)
+        with pwg.intercept() if fast else contextlib.nullcontext():
+            out = torch.func.functional_call(model, dict(zip(names, moved, strict=True)), (x,))
+        loss = F.cross_entropy(out, y)
+        if order == 2:
+            gr = torch.autograd.grad(loss, moved, create_graph=True)
+            loss = sum((t**2).sum() for t in gr)
+        if fast:
+            return pwg.scale_gradient(loss, moved, w0, alpha)
+        return ProjectedWeightGrads.contract(torch.autograd.grad(loss, moved), w0)
+
+    exact, fast = objective(False), objective(True)
+    torch.testing.assert_close(fast, exact, rtol=1e-10, atol=1e-14)
+    assert torch.all(exact != 0)
+
+
+def test_direction_shape_must_match():
+    w = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="direction of shape"):
+        ProjectedWeightGrads([w], directions=[torch.zeros(4, 3)])

@@ -31,6 +31,7 @@ normalization), usually far longer than a real first step at lr 0.01.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -40,6 +41,7 @@ import torch
 
 from initopt.core import dist
 from initopt.core.batches import Batch, concat_batches, split_batch
+from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.blocks import ScaleSpace
 from initopt.core.functional import Evaluator
 from initopt.core.optim import RescaleAdam
@@ -74,6 +76,11 @@ class GradInitConfig:
             (:func:`initopt.core.guard.guard`); otherwise leave the model as it was. ``False``:
             the paper's algorithm, scales always applied.
         guard_steps: optimizer steps of each guard trial.
+        projected_grads: take :math:`\\langle\\nabla_\\theta J, W^0\\rangle` through convolution
+            and linear layers without weight-gradient kernels (:mod:`initopt.core.bilinear`):
+            Euler's identity in the constraint step's last backward, one forward kernel with
+            :math:`W^0` in the look-ahead's. Same result to float round-off; ``False``: plain
+            autograd.
     """
 
     target: str = "sgd"
@@ -90,6 +97,7 @@ class GradInitConfig:
     mode: str = "train"
     guard: bool = True
     guard_steps: int = 25
+    projected_grads: bool = True
 
     def __post_init__(self) -> None:
         check_guard(self, "gradinit")
@@ -177,19 +185,24 @@ class GradInit(Method):
         norm: torch.Tensor,
         batch: Batch,
         step: TrainStep | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """:math:`L(\\tilde S; \\theta - \\eta A[g]) / \\eta` and the leaves it was taken at.
+        directions: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], ProjectedWeightGrads | None]:
+        """:math:`L(\\tilde S; \\theta - \\eta A[g]) / \\eta`, the leaves it was taken at and
+        the projector of its scale gradient (``None`` without ``directions``).
 
         Consumes ``theta`` and ``g``: the step is taken in their storage, so that no extra
         copy of the parameters is made (peak memory close to a training step's). With a
         training ``step``, :math:`\\theta - \\Delta(g)` is its real first step (on copies).
+        With ``directions`` (the initial tensors :math:`W^0`), the forward runs through
+        :class:`~initopt.core.bilinear.ProjectedWeightGrads`, whose ``scale_gradient`` gives
+        :math:`\\langle\\nabla_{\\theta'} L, W^0\\rangle` without weight-gradient kernels.
         """
         eta = self.config.eta
         if step is not None:
             moved = step.first_step(theta, g)
             g.clear()
             moved = [m.requires_grad_(True) for m in moved]
-            return ev.loss(moved, batch) / eta, moved
+            return self._loss_at(ev, moved, batch, directions)
         with torch.no_grad():
             moved = [t.detach() for t in theta]
             if self.config.target == "adam":
@@ -203,7 +216,18 @@ class GradInit(Method):
                 torch._foreach_add_(moved, g, alpha=-eta)
         g.clear()
         moved = [m.requires_grad_(True) for m in moved]
-        return ev.loss(moved, batch) / eta, moved
+        return self._loss_at(ev, moved, batch, directions)
+
+    def _loss_at(
+        self, ev: Evaluator, moved: list[torch.Tensor], batch: Batch, directions: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], ProjectedWeightGrads | None]:
+        eta = self.config.eta
+        if directions is None or not torch.is_grad_enabled():
+            return ev.loss(moved, batch) / eta, moved, None
+        pwg = ProjectedWeightGrads(moved, directions)
+        with pwg.intercept():
+            obj = ev.loss(moved, batch) / eta
+        return obj, moved, pwg
 
     def iteration(
         self,
@@ -221,7 +245,10 @@ class GradInit(Method):
         ``grad_norm`` and, for objective steps, ``lookahead_loss`` (a 0-d tensor).
         """
         theta = space.leaves(alpha)
-        loss = ev.loss(theta, S)
+        projected = self.config.projected_grads
+        pwg = ProjectedWeightGrads(theta) if projected else None
+        with pwg.intercept() if pwg is not None else contextlib.nullcontext():
+            loss = ev.loss(theta, S)
         g = _zeros_for_none(torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True), theta)
         norm = self.grad_norm(g, p)
         # distributed: the bound is on the mean over ranks, so every rank takes the same branch
@@ -235,14 +262,19 @@ class GradInit(Method):
         if norm_v > self.config.gamma:
             g2 = _zeros_for_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
             n2 = self.grad_norm(g2, p)
-            dn = torch.autograd.grad(n2, theta, allow_unused=True)
             rec["branch"] = "constraint"
+            if pwg is not None:  # Euler's identity in the last backward
+                return dist.all_reduce_mean(pwg.scale_gradient(n2, theta, space.initial, alpha).to(space.dtype)), rec
+            dn = torch.autograd.grad(n2, theta, allow_unused=True)
             return dist.all_reduce_mean(space.scale_grad(dn)), rec
-        del loss
-        obj, moved = self.lookahead(ev, theta, g, norm, S_tilde, step)
-        d = torch.autograd.grad(obj, moved, allow_unused=True)
+        del loss, pwg
+        directions = space.initial if projected else None
+        obj, moved, pwg = self.lookahead(ev, theta, g, norm, S_tilde, step, directions)
         rec["branch"] = "objective"
         rec["lookahead_loss"] = obj.detach() * self.config.eta
+        if pwg is not None:
+            return dist.all_reduce_mean(pwg.scale_gradient(obj, moved, space.initial, alpha).to(space.dtype)), rec
+        d = torch.autograd.grad(obj, moved, allow_unused=True)
         return dist.all_reduce_mean(space.scale_grad(d)), rec
 
     def measure(
@@ -261,7 +293,7 @@ class GradInit(Method):
         g = _zeros_for_none(torch.autograd.grad(loss, theta, allow_unused=True), theta)
         norm = self.grad_norm(g, p)
         with torch.no_grad():
-            obj, _ = self.lookahead(ev, theta, g, norm, S_tilde, step)
+            obj, _, _ = self.lookahead(ev, theta, g, norm, S_tilde, step)
         v = dist.all_reduce_mean(torch.stack([loss.detach(), norm, obj * self.config.eta]).double()).tolist()
         return {"loss": v[0], "grad_norm": v[1], "lookahead_loss": v[2]}
 
