@@ -177,10 +177,17 @@ class OursGradInit:
         return intervals(self.marks.ends), self.marks.constraint
 
 
-def gradinit_rounds(ref_path: str, rounds: int, iters: int, batch: int) -> dict[str, Any]:
+def build(quick: bool) -> tuple[nn.Module, tuple[int, ...]]:
+    """VGG-11 without BN on 3x32x32 (quick: a small CNN on 3x16x16, for the tests)."""
     torch.manual_seed(0)
-    model = zoo.vgg11(batchnorm=False)
-    batches = make_batches((3, 32, 32), batch, n=2 * iters + 6)
+    if quick:
+        return zoo.cnn(channels=(8, 16)), (3, 16, 16)
+    return zoo.vgg11(batchnorm=False), (3, 32, 32)
+
+
+def gradinit_rounds(ref_path: str, rounds: int, iters: int, batch: int, quick: bool = False) -> dict[str, Any]:
+    model, shape = build(quick)
+    batches = make_batches(shape, batch, n=2 * iters + 6)
     halves = [(x[i : i + batch // 2], y[i : i + batch // 2]) for x, y in batches for i in (0, batch // 2)]
     codes = {"ours": (OursGradInit(), batches), "ref": (RefGradInit(ref_path), halves)}
     time_train_steps(copy.deepcopy(model), batches, 2)  # warm-up: every code path once
@@ -227,13 +234,13 @@ class RefMetaInit:
     def __init__(self, path: str) -> None:
         self.mod = import_reference(path, "meta_init")
 
-    def run(self, model: nn.Module, batch: int, iters: int) -> dict[str, list[float]]:
+    def run(self, model: nn.Module, batch: int, iters: int, shape: tuple[int, ...]) -> dict[str, list[float]]:
         ends: list[tuple[float, float]] = []
         # the reference prints once, at the end of each step
         self.mod.print = lambda *a, **k: ends.append(mark())
         try:
             with on_cpu():
-                self.mod.metainit(model, nn.CrossEntropyLoss(), (batch, 3, 32, 32), 10, steps=iters + 1)
+                self.mod.metainit(model, nn.CrossEntropyLoss(), (batch, *shape), 10, steps=iters + 1)
         finally:
             self.mod.print = builtins.print
         return intervals(ends)
@@ -253,14 +260,13 @@ def ours_metainit(model: nn.Module, batch: tuple, iters: int) -> dict[str, list[
         s.close()
 
 
-def metainit_rounds(ref_path: str, rounds: int, iters: int, batch: int) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = zoo.vgg11(batchnorm=False)
-    batches = make_batches((3, 32, 32), batch, n=2)
+def metainit_rounds(ref_path: str, rounds: int, iters: int, batch: int, quick: bool = False) -> dict[str, Any]:
+    model, shape = build(quick)
+    batches = make_batches(shape, batch, n=2)
     ref = RefMetaInit(ref_path)
     time_train_steps(copy.deepcopy(model), batches, 2)
     ours_metainit(copy.deepcopy(model), batches[0], 1)
-    ref.run(copy.deepcopy(model), batch, 1)
+    ref.run(copy.deepcopy(model), batch, 1, shape)
     rec: dict[str, dict[str, list[float]]] = {
         "wall": {"train": [], "ours": [], "ref": []},
         "cpu": {"ours": [], "ref": []},
@@ -272,7 +278,7 @@ def metainit_rounds(ref_path: str, rounds: int, iters: int, batch: int) -> dict[
             if who == "ours":
                 secs = ours_metainit(copy.deepcopy(model), batches[0], iters)
             else:
-                secs = ref.run(copy.deepcopy(model), batch, iters)
+                secs = ref.run(copy.deepcopy(model), batch, iters, shape)
             for clock in ("wall", "cpu"):
                 rec[clock][who].append(statistics.median(secs[clock]))
         w, c = rec["wall"], rec["cpu"]
@@ -304,10 +310,10 @@ UPSTREAM = {
 }
 
 
-def child(method: str, ref_path: str, threads: int, rounds: int, iters: int, batch: int) -> dict[str, Any]:
+def child(method: str, ref_path: str, threads: int, rounds: int, iters: int, batch: int, quick: bool) -> dict[str, Any]:
     torch.set_num_threads(threads)
     fn = gradinit_rounds if method == "gradinit" else metainit_rounds
-    res = fn(ref_path, rounds, iters, batch)
+    res = fn(ref_path, rounds, iters, batch, quick)
     res["provenance"] = provenance(threads)
     return res
 
@@ -329,11 +335,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--iters", type=int, default=4, help="timed iterations of each workload per round")
     ap.add_argument("--batch", type=int, default=None, help="default: 64 (gradinit), 32 (metainit)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="a small CNN instead of VGG-11 (for the tests)")
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     batch = a.batch or (64 if a.method == "gradinit" else 32)
     if a._child is not None:
-        res = child(a.method, a.reference, a._child, a.rounds, a.iters, batch)
+        res = child(a.method, a.reference, a._child, a.rounds, a.iters, batch, a.quick)
         print("JSON " + json.dumps(res), flush=True)
         return res
     out_path = Path(a.out or HERE / "results" / f"{a.method}_vs_reference.json")
@@ -342,8 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(same process, interleaved rounds), at each thread count",
         "reference": f"{UPSTREAM[a.method]} @ {reference_revision(a.reference)}",
         "config": {
-            "model": "vgg11 without BN",
-            "input_shape": [3, 32, 32],
+            "model": "cnn(8, 16)" if a.quick else "vgg11 without BN",
+            "input_shape": list(build(a.quick)[1]),
             "batch": batch,
             "rounds": a.rounds,
             "iters": a.iters,
@@ -368,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             str(batch),
             "--_child",
             str(t),
+            *(["--quick"] if a.quick else []),
         ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE)
         sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines() if not line.startswith("JSON ")))
