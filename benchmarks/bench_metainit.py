@@ -3,9 +3,8 @@
 Claim: on VGG-11 without BatchNorm (``initopt.zoo.vgg11()``, batch 32 of 3x32x32, CPU, one
 thread) one MetaInit step -- fresh noise batch, GQ with its gradient and Hessian-vector
 product, the backward through both, the norm update -- costs about 7.5 plain SGD training
-steps, and at most 0.8 of the time of the paper's own code (its Figure 2, timed beside ours
-by a driver outside the repository that imports this module; see
-``results/metainit_vs_reference.json``). Peak memory is reported as a multiple of a
+steps; against the paper's own code (its Figure 2), see ``benchmarks/vs_reference.py``
+and ``results/metainit_vs_reference.json``. Peak memory is reported as a multiple of a
 training step's, and the time is broken down into forward, gradient, Hessian-vector
 product, quotient and the backward through all of them.
 
