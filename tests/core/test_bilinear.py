@@ -258,3 +258,18 @@ def test_direction_shape_must_match():
     w = torch.zeros(3, 4)
     with pytest.raises(ValueError, match="direction of shape"):
         ProjectedWeightGrads([w], directions=[torch.zeros(4, 3)])
+
+
+def test_flop_counting_sees_the_canonical_convolution():
+    """Under a dispatch mode the small-fan-in forward is aten's convolution, which
+    torch.utils.flop_counter can count (it cannot count thnn_conv2d's kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    w = conv.weight.detach().clone().requires_grad_(True)
+    pwg = ProjectedWeightGrads([w])
+    fc = FlopCounterMode(display=False)
+    with fc, pwg.intercept():
+        y = _call(conv, w, None, x)
+    assert fc.get_total_flops() == 2 * y.numel() * 27

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
+from torch.utils import _python_dispatch
 
 __all__ = ["DIRECTION_MIN_FAN_IN", "ProjectedWeightGrads"]
 
@@ -75,6 +76,9 @@ class _Conv:
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and math.prod(w.shape[1:]) < DIRECTION_MIN_FAN_IN
+            # under a dispatch mode (flop counting, fake tensors) the canonical operation:
+            # torch.utils.flop_counter cannot count thnn_conv2d's kernel
+            and _python_dispatch._get_current_dispatch_mode() is None
         )
 
     def both(self, gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list[bool]) -> tuple[Any, Any]:
