@@ -43,6 +43,8 @@ from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 from torch.utils import _python_dispatch
 
+from initopt.core.kernels import pool_call
+
 __all__ = ["DIRECTION_MIN_FAN_IN", "ProjectedWeightGrads"]
 
 _aten = torch.ops.aten
@@ -243,6 +245,10 @@ class _Intercept(TorchFunctionMode):
             out = self.owner._call(func, args, kwargs)
             if out is not NotImplemented:
                 return out
+        elif func is F.max_pool2d:  # a faster exact CPU kernel (core.kernels)
+            out = pool_call(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         return func(*args, **kwargs)
 
 
@@ -270,7 +276,8 @@ class ProjectedWeightGrads:
 
     The forward kernel of a 2-d convolution with a small fan-in on CPU is unfold-and-multiply
     (``thnn_conv2d``) instead of oneDNN's, several times faster there; results agree to
-    float round-off.
+    float round-off. 2x2 max pooling runs :func:`initopt.core.kernels.max_pool2d_2x2`
+    (identical values, indices and gradients, faster on CPU).
 
     Args:
         weights: tensors (usually the leaves a search evaluates the model at).
