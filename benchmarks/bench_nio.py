@@ -361,8 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(memory_probe(name, int(batch), workload))
         return {}
     if args.quick:
-        args.sample_models, args.nio_models = ["tiny_mlp", "tiny_cnn"], ["tiny_cnn"]
-        args.threads = args.threads[:1]
+        args.sample_models, args.nio_models = ["tiny_mlp", "tiny_cnn", "tied_lm"], ["tiny_cnn"]
         args.repeats, args.iters, args.sample_batch, args.nio_batch = 2, 2, 16, 16
     result: dict[str, Any] = {
         "claim": "sample-wise GradCosine >= 10x faster than a loop over examples on every zoo model (median of "
