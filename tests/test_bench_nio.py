@@ -17,7 +17,16 @@ def _section(threads: str) -> str:
 def test_bench_nio_quick(tmp_path):
     out = tmp_path / "nio_cost.json"
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_nio.py"), "--quick", "--threads", "1", "2", "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_nio.py"),
+            "--quick",
+            "--threads",
+            "1",
+            "2",
+            "--out",
+            str(out),
+        ],
         check=True,
         capture_output=True,
         text=True,
