@@ -503,3 +503,39 @@ def test_grad_cosine_errors():
         initopt.grad_cosine(model, _cls(1, 7))
     with pytest.raises(initopt.DataError):
         initopt.grad_cosine(model, [batch, batch])
+
+
+class _Outside(nn.Module):
+    """Weights, biases and gains also used outside their layers' calls, in ways the per-layer
+    forms would miss; a layer whose output never reaches the loss; ordinary layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.ln = nn.LayerNorm(3)
+        self.lin = nn.Linear(3, 3)
+        self.dead = nn.Linear(3, 3)
+        self.ok = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)) * (1 + self.conv.weight.mean())  # weight used outside
+        h = h.mean((2, 3))
+        h = self.ln(h) * self.ln.weight  # gain used outside
+        h = torch.tanh(self.lin(h)) + self.lin.bias  # bias used outside
+        self.dead(h)  # output unused
+        h = self.bn(torch.tanh(self.ok(h)))
+        return self.head(h)
+
+
+def test_sample_check_rejects_tensors_used_outside_their_layer_and_stays_exact():
+    torch.manual_seed(0)
+    model = _Outside().double().eval()
+    batch = _cls(6, 2, 4, 4, classes=4)
+    ref = _loop_gram(model, split_batch(batch, 6), train=False)
+    with evaluation(model, mode="eval") as ev:
+        gram, used = C.sample_gram(ev, ev.space.ones(), batch)
+    assert {k for k, v in used.skipped.items() if "outside" in v} == {"conv", "ln", "lin"}
+    assert {ly.name for ly in used.layers} == {"dead", "ok", "bn", "head"}
+    torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-13)
