@@ -32,24 +32,30 @@ any stride, dilation and groups) the weight gradient of a group is
 a convolution), both captured by forward hooks. Hence per-example Gram entries
 :math:`\\langle g_i, g_j\\rangle = \\sum_{p,q} (\\delta_{ip}\\cdot\\delta_{jq})(u_{ip}\\cdot u_{jq})`,
 i.e. :math:`\\sum_\\text{layers} (\\Delta\\Delta^\\top)\\odot(AA^\\top)` summed over position
-blocks, without materializing per-example gradients; per layer the engine takes this
-identity or materializes the per-example gradients in chunks (a batched matrix product, or
-``vmap`` of the convolution's weight gradient), whichever costs fewer flops (the identity
-wins for dense layers and small feature maps). In the
+blocks, without materializing per-example gradients. The sample engine takes, per layer, the
+cheaper of two exact forms by flop count (as mixed ghost clipping does for per-example
+gradient norms, Bu et al. 2022): this Gram over positions (:math:`B^2T^2(o+k)`; it wins for
+dense layers and small feature maps) or explicit per-example gradients, one batched matrix
+product of the output gradients and the unfolded inputs, and their Gram
+(:math:`BTok + B^2ok`). It also covers the gains and shifts of BatchNorm (running statistics),
+LayerNorm and GroupNorm, whose per-example gradients are sums over positions of
+:math:`\\delta \\odot \\hat x` and :math:`\\delta`. In the
 differentiable sub-batch engine the layer's scale enters as a scalar on its output,
 :math:`z = \\alpha_W (W^0 * x) + \\alpha_b b^0`, so that the double backward never forms a
 weight gradient, and the group gradients' Gram has a hand-written backward (convolutions
 by one transposed and one forward convolution).
 
-Every other trainable tensor (embeddings, norm-layer gains, raw ``nn.Parameter`` s such as
+Every other trainable tensor (embeddings, raw ``nn.Parameter`` s such as
 ``MultiheadAttention.in_proj_weight``, tied tensors, layers whose weight is also used
 outside their own call) falls back to plain autograd per group (sub-batch engine) or to
 ``torch.func.vmap`` over ``torch.func.grad`` in chunks (sample engine). Which layers are
-accelerated is decided by :func:`build_plan` (once per NIO search; inline, in the same
-forward and backward, for :func:`sample_gram`), which checks on a real batch that the
-hooked layers reproduce autograd's summed gradients (relative error <= 1e-4 in float32,
-1e-9 in float64; otherwise the layer falls back) and, with ``verify_scaling``, that the
-output-scaled evaluation equals the plain one at scales away from 1.
+accelerated is decided by :func:`build_plan` (once per NIO search), which checks on a real
+batch that the hooked layers reproduce autograd's summed gradients (relative error <= 1e-4 in
+float32, 1e-9 in float64; otherwise the layer falls back) and, with ``verify_scaling``, that
+the output-scaled evaluation equals the plain one at scales away from 1. :func:`sample_gram`
+without a plan checks inline, in its own forward, without computing any weight gradient: it
+walks the autograd graph and drops every layer whose weight, bias or gain is reached by a
+node outside the layer's recorded calls.
 """
 
 from __future__ import annotations
@@ -979,7 +985,8 @@ def sample_gram(
 
     Args:
         plan: layers to accelerate without checking them again; ``None``: the candidate
-            layers, checked in the same forward and backward (as in :func:`build_plan`).
+            layers (Linear/Conv as in :func:`build_plan`, and norm layers), checked in the
+            same forward by walking its autograd graph (:func:`_outside_uses`).
         accelerate: ``False``: ``vmap`` for every block.
 
     Returns:
