@@ -241,6 +241,68 @@ def _generic(name: str, script: str) -> Callable[[], str]:
     return render
 
 
+def nio_cost(name: str = "nio_cost.json") -> str:
+    """Claim 1 of ``bench_nio.py`` (sample-wise GradCosine against a loop, per model and thread
+    count: median and range of the speedup) and its NIO claims (generic rows)."""
+    d = _load(name)
+    if d is None:
+        return "_no results yet: run `python benchmarks/bench_nio.py`_"
+    prov, cfg = d["provenance"], d["config"]
+    threads = cfg.get("threads", [prov.get("threads", 1)])
+    sections = [("sample_wise" if i == 0 else f"sample_wise_{t}threads", t) for i, t in enumerate(threads)]
+    claim = str(d.get("claim", "")).strip()
+    lines = [
+        f"Claim: {claim}",
+        "",
+        f"From `benchmarks/results/{name}` (torch {prov['torch']}, revision {str(prov['git_revision'])[:8]}, "
+        f"{prov['date'][:10]}). Sample-wise GradCosine at batch {cfg['sample_batch']}: speedup of "
+        "`initopt.grad_cosine` over a loop over examples, median (range) over "
+        f"{cfg['repeats']} interleaved rounds; |dGC| against the loop.",
+        "",
+        "| model | "
+        + " | ".join(f"{t} thread(s)" for _, t in sections)
+        + " | vmap only | tensors by vmap | abs dGC f32 | abs dGC f64 |",
+        "| --- | " + " | ".join("---" for _ in sections) + " | --- | --- | --- | --- |",
+    ]
+    for model, e in d["sample_wise"].items():
+        cells = []
+        for key, _ in sections:
+            s = d.get(key, {}).get(model, {}).get("speedup_initopt_vs_loop")
+            if s is None:
+                cells.append("")
+                continue
+            mark = "" if s["median"] >= 10 else " (below 10x)"
+            cells.append(f"{s['median']:.1f}x ({s['min']:.1f}-{s['max']:.1f}){mark}")
+        v = e["speedup_vmap_vs_loop"]
+        eq = e.get("equality", {})
+        f32 = eq.get("float32", {}).get("abs_diff_gc_initopt")
+        f64 = eq.get("float64", {}).get("abs_diff_gc_initopt")
+        lines.append(
+            f"| {model} | "
+            + " | ".join(cells)
+            + f" | {v['median']:.1f}x | {e.get('vmap_tensors', '?')} | "
+            + ("" if f32 is None else f"{f32:.1e}")
+            + " | "
+            + ("" if f64 is None else f"{f64:.1e}")
+            + " |"
+        )
+    rows = []
+    for model, e in d.get("nio", {}).items():
+        for k, x in e.items():
+            if isinstance(x, dict) and {"median", "mean", "std"} <= set(x):
+                rows.append(f"| nio.{model}.{k} | {x['median']:.3g} | {x['mean']:.3g} ± {x['std']:.3g} |")
+    if rows:
+        lines += [
+            "",
+            f"NIO iteration ({prov['threads']} thread(s)):",
+            "",
+            "| measure | median | mean ± std |",
+            "| --- | --- | --- |",
+            *rows,
+        ]
+    return "\n".join(lines)
+
+
 STUDIES = {
     "deep": ("study_deep.py", "Deep plain networks (GradInit Table 1, MetaInit)"),
     "recovery": ("study_recovery.py", "Recovery from bad initialization (MetaInit)"),
@@ -348,7 +410,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
     "metainit-cost": _generic("metainit_cost.json", "bench_metainit.py"),
     "vs-reference": vs_reference,
-    "nio-cost": _generic("nio_cost.json", "bench_nio.py"),
+    "nio-cost": nio_cost,
     "gradinit-cost": gradinit_cost,
     "hessian-cost": hessian_cost,
     "hessian-tracking": hessian_tracking,

@@ -166,25 +166,171 @@ def test_sample_gram_equals_per_example_loop(name, accelerate):
         assert len(used.layers) == sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules())
 
 
-def test_sample_gram_chunked_and_both_layer_strategies(monkeypatch):
-    """A small memory budget forces chunking and a conv with a large feature map takes the
-    materializing strategy; the dense layers take the Gram identity."""
-    model = _model("convs")
-    batch = MODELS["convs"][1](2)
-    ref = _loop_gram(model, split_batch(batch, 5), train=False)
-    seen = []
-    real = C._chunked_gram
+class _Norms(nn.Module):
+    """Every accelerated norm layer: GroupNorm, BatchNorm2d (running statistics), LayerNorm over
+    positions, BatchNorm1d on vectors, and a LayerNorm without shift."""
 
-    def spy(make, n, row):
-        seen.append(row)
-        return real(make, n, row)
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.gn = nn.GroupNorm(3, 6)
+        self.bn = nn.BatchNorm2d(6)
+        self.seq = nn.Linear(6, 5)
+        self.ln = nn.LayerNorm(5)
+        self.bn1 = nn.BatchNorm1d(5)
+        self.ln2 = nn.LayerNorm(5, bias=False)
+        self.head = nn.Linear(5, 10)
 
-    monkeypatch.setattr(C, "_chunked_gram", spy)
-    monkeypatch.setattr(C, "_BUDGET", 300)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.bn(self.gn(self.conv(x))))
+        h = self.ln(torch.tanh(self.seq(h.flatten(2).transpose(1, 2))))  # (B, positions, 5)
+        return self.head(self.ln2(torch.tanh(self.bn1(h.mean(1)))))
+
+
+FORM_MODELS = {
+    "mlp": MODELS["mlp"],
+    "convs": MODELS["convs"],
+    "cnn_bn": MODELS["cnn_bn"],
+    "norms": (_Norms, lambda s: _cls(5, 3, 4, 4, seed=s)),
+}
+
+
+def _norm_model(name):
+    if name in MODELS:
+        return _model(name)
+    torch.manual_seed(0)
+    m = _Norms().double().eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+                mod.weight.uniform_(0.5, 1.5)
+                if mod.bias is not None:
+                    mod.bias.uniform_(-0.5, 0.5)
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.mark.parametrize("name", list(FORM_MODELS))
+@pytest.mark.parametrize("form", ["gram", "explicit", None])
+@pytest.mark.parametrize("budget", [None, 200])
+def test_each_exact_form_forced_on_every_layer_equals_the_loop(monkeypatch, name, form, budget):
+    """Both forms, forced on every Linear/Conv layer (strided, dilated, grouped, 1-D 'same',
+    linear on vectors and over positions, a layer called twice), and the norm layers, equal
+    the explicit loop over examples in float64; a tiny memory budget forces the chunked paths
+    (rows of the Gram over positions, output-channel slices of the explicit form)."""
+    model = _norm_model(name)
+    batch = FORM_MODELS[name][1](4)
+    n = initopt.core.batch_size(batch)
+    ref = _loop_gram(model, split_batch(batch, n), train=False)
+    monkeypatch.setattr(C, "_FORM", form)
+    if budget is not None:
+        monkeypatch.setattr(C, "_BUDGET", budget)
     with evaluation(model, mode="eval") as ev:
-        gram, _ = C.sample_gram(ev, ev.space.ones(), batch, plan=C.build_plan(ev, batch))
-    torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-12)
-    assert seen  # at least one layer materialized per-example gradients, in chunks
+        gram, used = C.sample_gram(ev, ev.space.ones(), batch)
+        assert not used.fallback  # every tensor accelerated: nothing left to vmap
+        gram2, _ = C.sample_gram(ev, ev.space.ones(), batch, plan=used)  # unchecked, same plan
+    torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(gram2, ref, rtol=1e-10, atol=1e-13)
+    gc, norms = C.cosine_from_gram(gram)
+    ref_gc, ref_norms = _loop_gc(ref)
+    assert abs(float(gc) - float(ref_gc)) < 1e-10
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=0)
+    res = initopt.grad_cosine(model, batch)
+    assert abs(res.gc - float(ref_gc)) < 1e-10
+
+
+def _per_example_layer_grads(layer, x, dz):
+    """Reference: g_i = d<dz_i, layer(x_i)>/d(weight, bias), one example at a time."""
+    rows = []
+    for i in range(x.shape[0]):
+        out = layer(x[i : i + 1])
+        ps = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+        gs = torch.autograd.grad((out * dz[i : i + 1]).sum(), ps)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
+    return torch.stack(rows)
+
+
+LAYERS = {
+    "conv2d_stride_pad": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 7, 7)),
+    "conv2d_dilation_groups": (lambda: nn.Conv2d(6, 4, 3, padding=2, dilation=2, groups=2), (6, 6, 5)),
+    "conv2d_no_bias_rect": (lambda: nn.Conv2d(2, 3, (2, 3), stride=(1, 2), bias=False), (2, 5, 6)),
+    "conv1d_same": (lambda: nn.Conv1d(3, 5, 3, padding="same", dilation=2), (3, 9)),
+    "conv1d_stride_groups": (lambda: nn.Conv1d(4, 6, 2, stride=2, groups=2), (4, 8)),
+    "linear_vectors": (lambda: nn.Linear(5, 3), (5,)),
+    "linear_positions": (lambda: nn.Linear(5, 3), (4, 5)),
+    "linear_positions_2d": (lambda: nn.Linear(5, 3, bias=False), (2, 3, 5)),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("form", ["gram", "explicit"])
+@pytest.mark.parametrize("calls", [1, 2])
+def test_layer_forms_equal_per_example_gradients(kind, form, calls):
+    """Each form on one layer (called ``calls`` times) against per-example autograd gradients."""
+    torch.manual_seed(0)
+    make, shape = LAYERS[kind]
+    layer = make().double()
+    n = 5
+    xs = [torch.randn(n, *shape, dtype=torch.float64) for _ in range(calls)]
+    dzs = [torch.randn_like(layer(x)) for x in xs]
+    ref = sum(_per_example_layer_grads(layer, x, dz) for x, dz in zip(xs, dzs, strict=True))
+    cands, _ = C._candidates(_evaluator(layer))
+    (ly,) = cands
+    gram, gw, gb = C._layer_sample_gram(ly, xs, dzs, form=form)
+    torch.testing.assert_close(gram, ref @ ref.T, rtol=1e-10, atol=1e-12)
+    k = layer.weight.numel()
+    torch.testing.assert_close(gw.reshape(-1), ref[:, :k].sum(0), rtol=1e-10, atol=1e-12)
+    if layer.bias is not None:
+        torch.testing.assert_close(gb, ref[:, k:].sum(0), rtol=1e-10, atol=1e-12)
+    gram2, gw2, gb2 = C._layer_sample_gram(ly, xs, dzs, form=form, sums=False)
+    assert gw2 is None and gb2 is None
+    torch.testing.assert_close(gram2, gram, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="form"):
+        C._layer_sample_gram(ly, xs, dzs, form="vmap")
+
+
+def _evaluator(model):
+    space = ScaleSpace(model)
+    return Evaluator(model, space, Task())
+
+
+def test_per_layer_choice_takes_the_cheaper_form(monkeypatch):
+    """A wide feature map with few channels costs less explicitly; a 2x2 map with many channels
+    costs less as the Gram over positions; dense layers on vectors always take the Gram."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),  # 16x16: T = 256, o = 4, k = 27
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Conv2d(4, 64, 3, padding=1),  # 2x2: T = 4, o = 64, k = 36
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    ).double()
+    n = 8
+    big = C._form_costs(n, 256, 4, 27, 1)
+    small = C._form_costs(n, 4, 64, 36, 1)
+    vec = C._form_costs(n, 1, 10, 256, 1)
+    assert big["explicit"] < big["gram"] and small["gram"] < small["explicit"] and vec["gram"] < vec["explicit"]
+    chosen = []
+    real = C._choose_form
+
+    def spy(costs, form):
+        out = real(costs, form)
+        chosen.append((out, costs))
+        return out
+
+    monkeypatch.setattr(C, "_choose_form", spy)
+    batch = _cls(n, 3, 16, 16)
+    ref = _loop_gram(model, split_batch(batch, n), train=False)
+    with evaluation(model, mode="eval") as ev:
+        gram, _ = C.sample_gram(ev, ev.space.ones(), batch)
+    torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-13)
+    assert [c[0] for c in chosen] == ["explicit", "gram", "gram"]
+    assert [c[1] for c in chosen] == [big, small, vec]
+    for form, costs in chosen:
+        assert costs[form] == min(costs.values())
 
 
 def test_gram_identity_for_a_linear_layer_by_hand():
@@ -357,3 +503,39 @@ def test_grad_cosine_errors():
         initopt.grad_cosine(model, _cls(1, 7))
     with pytest.raises(initopt.DataError):
         initopt.grad_cosine(model, [batch, batch])
+
+
+class _Outside(nn.Module):
+    """Weights, biases and gains also used outside their layers' calls, in ways the per-layer
+    forms would miss; a layer whose output never reaches the loss; ordinary layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.ln = nn.LayerNorm(3)
+        self.lin = nn.Linear(3, 3)
+        self.dead = nn.Linear(3, 3)
+        self.ok = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)) * (1 + self.conv.weight.mean())  # weight used outside
+        h = h.mean((2, 3))
+        h = self.ln(h) * self.ln.weight  # gain used outside
+        h = torch.tanh(self.lin(h)) + self.lin.bias  # bias used outside
+        self.dead(h)  # output unused
+        h = self.bn(torch.tanh(self.ok(h)))
+        return self.head(h)
+
+
+def test_sample_check_rejects_tensors_used_outside_their_layer_and_stays_exact():
+    torch.manual_seed(0)
+    model = _Outside().double().eval()
+    batch = _cls(6, 2, 4, 4, classes=4)
+    ref = _loop_gram(model, split_batch(batch, 6), train=False)
+    with evaluation(model, mode="eval") as ev:
+        gram, used = C.sample_gram(ev, ev.space.ones(), batch)
+    assert {k for k, v in used.skipped.items() if "outside" in v} == {"conv", "ln", "lin"}
+    assert {ly.name for ly in used.layers} == {"dead", "ok", "bn", "head"}
+    torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-13)

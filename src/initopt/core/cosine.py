@@ -32,24 +32,30 @@ any stride, dilation and groups) the weight gradient of a group is
 a convolution), both captured by forward hooks. Hence per-example Gram entries
 :math:`\\langle g_i, g_j\\rangle = \\sum_{p,q} (\\delta_{ip}\\cdot\\delta_{jq})(u_{ip}\\cdot u_{jq})`,
 i.e. :math:`\\sum_\\text{layers} (\\Delta\\Delta^\\top)\\odot(AA^\\top)` summed over position
-blocks, without materializing per-example gradients; per layer the engine takes this
-identity or materializes the per-example gradients in chunks (a batched matrix product, or
-``vmap`` of the convolution's weight gradient), whichever costs fewer flops (the identity
-wins for dense layers and small feature maps). In the
+blocks, without materializing per-example gradients. The sample engine takes, per layer, the
+cheaper of two exact forms by flop count (as mixed ghost clipping does for per-example
+gradient norms, Bu et al. 2022): this Gram over positions (:math:`B^2T^2(o+k)`; it wins for
+dense layers and small feature maps) or explicit per-example gradients, one batched matrix
+product of the output gradients and the unfolded inputs, and their Gram
+(:math:`BTok + B^2ok`). It also covers the gains and shifts of BatchNorm (running statistics),
+LayerNorm and GroupNorm, whose per-example gradients are sums over positions of
+:math:`\\delta \\odot \\hat x` and :math:`\\delta`. In the
 differentiable sub-batch engine the layer's scale enters as a scalar on its output,
 :math:`z = \\alpha_W (W^0 * x) + \\alpha_b b^0`, so that the double backward never forms a
 weight gradient, and the group gradients' Gram has a hand-written backward (convolutions
 by one transposed and one forward convolution).
 
-Every other trainable tensor (embeddings, norm-layer gains, raw ``nn.Parameter`` s such as
+Every other trainable tensor (embeddings, raw ``nn.Parameter`` s such as
 ``MultiheadAttention.in_proj_weight``, tied tensors, layers whose weight is also used
 outside their own call) falls back to plain autograd per group (sub-batch engine) or to
 ``torch.func.vmap`` over ``torch.func.grad`` in chunks (sample engine). Which layers are
-accelerated is decided by :func:`build_plan` (once per NIO search; inline, in the same
-forward and backward, for :func:`sample_gram`), which checks on a real batch that the
-hooked layers reproduce autograd's summed gradients (relative error <= 1e-4 in float32,
-1e-9 in float64; otherwise the layer falls back) and, with ``verify_scaling``, that the
-output-scaled evaluation equals the plain one at scales away from 1.
+accelerated is decided by :func:`build_plan` (once per NIO search), which checks on a real
+batch that the hooked layers reproduce autograd's summed gradients (relative error <= 1e-4 in
+float32, 1e-9 in float64; otherwise the layer falls back) and, with ``verify_scaling``, that
+the output-scaled evaluation equals the plain one at scales away from 1. :func:`sample_gram`
+without a plan checks inline, in its own forward, without computing any weight gradient: it
+walks the autograd graph and drops every layer whose weight, bias or gain is reached by a
+node outside the layer's recorded calls.
 """
 
 from __future__ import annotations
@@ -207,20 +213,25 @@ class _Layer:
     # per-example rows for the sample engine ---------------------------------------------
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs as (B, K, P): K = fan-in of the weight (all groups), P positions."""
+        """Inputs as (B, K, P): K = fan-in of the weight (all groups, ordered as the weight's
+        ``(in, *kernel)``), P positions. Patches are a strided view of the padded input copied
+        once (several times faster than ``F.unfold``'s im2col on CPU)."""
         b = x.shape[0]
         if not self.conv:
             return x.reshape(b, -1, x.shape[-1]).transpose(1, 2)
-        if self.conv == 1:
-            k = self.wshape[-1]
-            return F.unfold(
-                x.unsqueeze(-1),
-                (k, 1),
-                dilation=(self.dilation[0], 1),
-                padding=(self.padding[0], 0),
-                stride=(self.stride[0], 1),
-            )
-        return F.unfold(x, tuple(self.wshape[-2:]), dilation=self.dilation, padding=self.padding, stride=self.stride)
+        kernel = self.wshape[2:]
+        pad: list[int] = []
+        for q in reversed(self.padding):
+            pad += [q, q]
+        v = F.pad(x, pad) if any(pad) else x
+        for d, (k, s, dil) in enumerate(zip(kernel, self.stride, self.dilation, strict=True)):
+            v = v.unfold(2 + d, (k - 1) * dil + 1, s)  # (B, C, *out, window...)
+            if dil > 1:
+                v = v[..., ::dil]
+        nd = self.conv
+        # (B, C, *out, *kernel) -> (B, C, *kernel, *out)
+        v = v.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+        return v.reshape(b, -1, math.prod(v.shape[2 + nd :]))
 
     def delta(self, dz: torch.Tensor) -> torch.Tensor:
         """Output gradients as (B, out, P)."""
@@ -702,75 +713,254 @@ def _chunked_gram(make: Callable[[slice], torch.Tensor], n: int, row_elems: int)
     return out
 
 
-def _layer_sample_gram(
-    ly: _Layer, xs: list[torch.Tensor], dzs: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-example Gram of one layer's weight (and bias) gradients.
+# which exact form the sample engine uses for every accelerated layer: None picks the cheaper
+# by flop count (per layer); "gram" or "explicit" force one (tests)
+_FORM: str | None = None
 
-    The Gram identity :math:`\\sum_{p,q}(\\delta_{ip}\\cdot\\delta_{jq})(u_{ip}\\cdot u_{jq})` when it
-    costs fewer flops than materializing the per-example gradients (dense layers on vectors
-    always; convolutions with small feature maps); otherwise per-example gradients in chunks
-    (a batched matrix product for linear layers, ``vmap`` of the convolution's weight
-    gradient for convolutions) and their Gram.
 
-    Returns ``(gram, summed weight gradient, summed bias gradient or None)``; the sums equal
-    autograd's gradients of the summed loss (used to check the layer).
+def _form_costs(n: int, p: int, og: int, kg: int, g: int) -> dict[str, int]:
+    """Flops (multiply-adds) of the two exact per-example Gram forms of one layer.
+
+    ``gram``: the Gram over positions, :math:`B^2 T^2 (o + k)` per group; ``explicit``:
+    per-example gradients :math:`\\delta_i u_i^\\top` (:math:`B T o k` per group) and their
+    :math:`B \\times B` Gram (:math:`B^2 o k` per group). n examples, p positions per example,
+    og / kg output / input features per group, g groups.
     """
-    if not ly.conv and len(xs) == 1 and xs[0].ndim == 2:
-        # dense layer on vectors: (ΔΔᵀ) ⊙ (AAᵀ) (+ ΔΔᵀ for the bias)
-        d2, a2 = dzs[0], xs[0].to(dzs[0].dtype)
-        dd = d2 @ d2.T
-        gram = dd * (a2 @ a2.T)
-        if ly.bias is None:
-            return gram, d2.T @ a2, None
-        return gram + dd, d2.T @ a2, d2.sum(0)
+    return {"gram": n * n * p * p * (og + kg) * g, "explicit": n * p * og * kg * g + n * n * og * kg * g}
+
+
+def _choose_form(costs: dict[str, int], form: str | None) -> str:
+    if form is None:
+        return "gram" if costs["gram"] <= costs["explicit"] else "explicit"
+    if form not in costs:
+        raise ValueError(f"form must be None, 'gram' or 'explicit', got {form!r}")
+    return form
+
+
+def _layer_sample_gram(
+    ly: _Layer,
+    xs: list[torch.Tensor],
+    dzs: list[torch.Tensor],
+    *,
+    form: str | None = None,
+    sums: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-example Gram of one layer's weight (and bias) gradients, by one of two exact forms.
+
+    With :math:`u_{ip}` the input (unfolded patch) and :math:`\\delta_{ip}` the output gradient
+    of example i at position p (all calls of the layer concatenated over positions):
+
+    * ``"gram"`` — :math:`\\langle g_i, g_j\\rangle = \\sum_{p,q}(\\delta_{ip}\\cdot\\delta_{jq})
+      (u_{ip}\\cdot u_{jq})`, per group of a grouped convolution, in row chunks within
+      ``_BUDGET``; about :math:`B^2 T^2 (o + k)` flops;
+    * ``"explicit"`` — per-example gradients :math:`g_i = \\sum_p \\delta_{ip} u_{ip}^\\top` by one
+      batched matrix product of the output gradients and the unfolded inputs, then their Gram;
+      about :math:`B T o k + B^2 o k` flops.
+
+    ``form=None`` takes the cheaper by :func:`_form_costs` (as mixed ghost clipping does for
+    per-example gradient norms, Bu et al. 2022). Both are exact up to float round-off.
+
+    Returns ``(gram, summed weight gradient, summed bias gradient)``; with ``sums=False`` the
+    sums (which only serve to check the layer against autograd) are ``None``.
+    """
     n = xs[0].shape[0]
-    o = ly.wshape[0]
-    kg = math.prod(ly.wshape[1:])
-    g = ly.groups
-    og = o // g
     dtype = dzs[0].dtype
-    bias = None
+    o = ly.wshape[0]
+    g = ly.groups
+    og, kg = o // g, math.prod(ly.wshape[1:])
+    deltas = [ly.delta(dz) for dz in dzs]  # (B, O, P_c)
+    p = sum(d.shape[-1] for d in deltas)
+    chosen = _choose_form(_form_costs(n, p, og, kg, g), form)
+    dl = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)  # (B, O, P)
+    u = torch.cat([ly.unfold(x).to(dtype) for x in xs], dim=-1) if len(xs) > 1 else ly.unfold(xs[0]).to(dtype)
+    gb = bias = None
     if ly.bias is not None:
-        bias = sum(ly.delta(dz).sum(-1) for dz in dzs)  # (B, O)
-    p = sum(ly.delta(dz).shape[-1] for dz in dzs)
-    trick = n * n * p * p * (og + kg) * g
-    mat = n * p * og * kg * g + n * n * og * kg * g
-    if trick <= mat and n * g * p * p <= _BUDGET:
-        u = torch.cat([ly.unfold(x) for x in xs], dim=-1).to(dtype).reshape(n, g, kg, p)
-        dl = torch.cat([ly.delta(dz) for dz in dzs], dim=-1).reshape(n, g, og, p)
-        c = max(1, min(n, _BUDGET // (n * g * p * p)))
-        rows = []
-        for s in range(0, n, c):
-            dd = torch.einsum("igop,jgoq->ijgpq", dl[s : s + c], dl)
-            aa = torch.einsum("igkp,jgkq->ijgpq", u[s : s + c], u)
-            rows.append((dd * aa).sum(dim=(2, 3, 4)))
-        gram = torch.cat(rows, dim=0)
-        gw = torch.einsum("igop,igkp->gok", dl, u).reshape(ly.wshape)
-    else:
-
-        def per_example(sl: slice) -> torch.Tensor:
-            out = None
-            for x, dz in zip(xs, dzs, strict=True):
-                if ly.conv:
-                    gi = torch.func.vmap(lambda xi, di: ly.wgrad(xi[None], di[None]))(x[sl], dz[sl])
-                else:
-                    gi = torch.bmm(ly.delta(dz[sl]), ly.unfold(x[sl]).transpose(1, 2).to(dtype))
-                out = gi if out is None else out + gi
-            assert out is not None
-            return out.reshape(out.shape[0], -1)
-
-        if n * o * kg <= _BUDGET:
-            m = per_example(slice(0, n))
-            gram, gw = m @ m.T, m.sum(0).reshape(ly.wshape)
+        bias = dl.sum(-1)  # per-example bias gradients (B, O)
+        gb = bias.sum(0) if sums else None
+    gw = None
+    if chosen == "gram":
+        if p == 1 and g == 1:  # vectors: (ΔΔᵀ) ⊙ (AAᵀ)
+            d2, a2 = dl[..., 0], u[..., 0]
+            gram = (d2 @ d2.T) * (a2 @ a2.T)
+            if sums:
+                gw = d2.T @ a2
         else:
-            gram = _chunked_gram(per_example, n, o * kg)
-            gw = sum(ly.wgrad(x, dz) for x, dz in zip(xs, dzs, strict=True))
-    gb = None
+            # (G, B·P, o) and (G, B·P, k): example-major rows
+            df = dl.reshape(n, g, og, p).permute(1, 0, 3, 2).reshape(g, n * p, og)
+            uf = u.reshape(n, g, kg, p).permute(1, 0, 3, 2).reshape(g, n * p, kg)
+            c = max(1, min(n, _BUDGET // max(1, n * g * p * p)))
+            rows = []
+            for s in range(0, n, c):
+                e = min(s + c, n)
+                dd = torch.bmm(df[:, s * p : e * p], df.transpose(1, 2))  # (G, c·P, B·P)
+                dd.mul_(torch.bmm(uf[:, s * p : e * p], uf.transpose(1, 2)))
+                rows.append(dd.view(g, e - s, p, n, p).sum(dim=(0, 2, 4)))
+            gram = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+            if sums:
+                gw = torch.bmm(df.transpose(1, 2), uf)  # (G, o, k)
+    else:
+        d4 = dl.reshape(n, g, og, p)
+        ut = u.reshape(n, g, kg, p).transpose(-1, -2)  # (B, G, P, k)
+        oc = max(1, min(og, _BUDGET // max(1, n * g * kg)))  # output channels per slice
+        gram = None
+        parts = []
+        for s in range(0, og, oc):
+            m = torch.matmul(d4[:, :, s : s + oc], ut)  # per-example gradients (B, G, oc, k)
+            mf = m.reshape(n, -1)
+            gram = mf @ mf.T if gram is None else gram.addmm_(mf, mf.T)
+            if sums:
+                parts.append(m.sum(0))
+        if sums:
+            gw = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if bias is not None:
         gram = gram + bias @ bias.T
-        gb = bias.sum(0)
-    return gram, gw.reshape(ly.wshape), gb
+    return gram, None if gw is None else gw.reshape(ly.wshape), gb
+
+
+# ---- per-example engine: norm layers ------------------------------------------------------
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True, eq=False)
+class _Norm:
+    """A BatchNorm (running statistics), LayerNorm or GroupNorm whose gain (and shift) are blocks
+    of their own; the sample engine only.
+
+    With :math:`\\hat x` the normalized input (a function of the example alone: BatchNorm with
+    running statistics, LayerNorm, GroupNorm) and :math:`\\delta` the output gradient, example
+    i's gradients are :math:`\\sum_p \\delta_{ip} \\odot \\hat x_{ip}` (gain) and
+    :math:`\\sum_p \\delta_{ip}` (shift), summed over the positions p the gain is shared by.
+    """
+
+    module: nn.Module
+    name: str
+    weight: int
+    bias: int | None
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor | None:
+        """:math:`\\hat x` of an input, at the call (``None``: batch statistics, not per example)."""
+        m = self.module
+        with torch.no_grad():
+            if isinstance(m, nn.LayerNorm):
+                return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+            if isinstance(m, nn.GroupNorm):
+                return F.group_norm(x, m.num_groups, None, None, m.eps)
+            if m.training or m.running_mean is None or m.running_var is None:  # type: ignore[attr-defined]
+                return None
+            return F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)  # type: ignore[arg-type]
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the positions that share a gain entry: (B, gain entries)."""
+        if isinstance(self.module, nn.LayerNorm):
+            k = len(self.module.normalized_shape)
+            return t.reshape(t.shape[0], -1, *t.shape[t.ndim - k :]).sum(1).reshape(t.shape[0], -1)
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+def _norm_candidates(ev: Evaluator) -> tuple[list[_Norm], dict[str, str]]:
+    space = ev.space
+    index = {id(b.param): i for i, b in enumerate(space.blocks)}
+    out: list[_Norm] = []
+    skipped: dict[str, str] = {}
+    for name, m in ev.model.named_modules():
+        if type(m) not in _NORMS:
+            continue
+        w = m._parameters.get("weight")
+        b = m._parameters.get("bias")
+        if w is None:
+            continue  # no affine parameters
+        iw = index.get(id(w))
+        ib = None if b is None else index.get(id(b))
+        if iw is None or (b is not None and ib is None):
+            skipped[name] = "weight or bias is not a scaled tensor"
+        elif len(space.blocks[iw].names) > 1 or (ib is not None and len(space.blocks[ib].names) > 1):
+            skipped[name] = "tied tensor"
+        else:
+            out.append(_Norm(m, name, iw, ib))
+    return out, skipped
+
+
+class _SampleRecorder(_Recorder):
+    """:class:`_Recorder` that records :math:`\\hat x` instead of the input for norm layers,
+    and for every call the autograd node of the input (``stops``, parallel to the records)."""
+
+    def __init__(self, layers: Sequence[Any], ev: Evaluator) -> None:
+        super().__init__(layers, ev)
+        self.stops: list[Any] = []
+
+    def _hook(self, layer: Any) -> Callable[..., Any]:
+        base = None if isinstance(layer, _Norm) else super()._hook(layer)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
+            x = args[0] if args else kwargs["input"]
+            self.stops.append(get_gradient_edge(x).node if x.requires_grad else None)
+            if base is not None:
+                base(module, args, kwargs, out)
+                return
+            xhat = layer.normalized(x)
+            edge = get_gradient_edge(out) if out.requires_grad and xhat is not None else None
+            self.groups[-1].append((layer, xhat, 0, edge))
+
+        return hook
+
+
+def _outside_uses(root: Any, records: list, stops: list, layers: Sequence[Any], theta: list[torch.Tensor]) -> set[str]:
+    """Layers whose weight or bias is used in the autograd graph of ``root`` by a node outside
+    the layer's own recorded calls (walking the graph; no gradient is computed).
+
+    A call's nodes are those reachable from its output's node before its input's node; for an
+    accelerated layer the gradient of its weight is then exactly the sum over its calls of
+    :math:`\\sum_p \\delta_p u_p^\\top`.
+    """
+    owner: dict[Any, str] = {}
+    for ly in layers:
+        for i in (ly.weight, ly.bias):
+            if i is not None:
+                owner[get_gradient_edge(theta[i]).node] = ly.name
+    inside: dict[Any, set[str]] = {}
+    for (ly, _, _, edge), stop in zip(records, stops, strict=True):
+        if edge is None:
+            continue
+        todo, seen = [edge.node], set()
+        while todo:
+            nd = todo.pop()
+            if nd is None or nd is stop or nd in owner or nd in seen:
+                continue
+            seen.add(nd)
+            inside.setdefault(nd, set()).add(ly.name)
+            todo += [c for c, _ in nd.next_functions]
+    bad: set[str] = set()
+    todo, seen = [root], set()
+    while todo:
+        nd = todo.pop()
+        if nd is None or nd in seen:
+            continue
+        seen.add(nd)
+        for c, _ in nd.next_functions:
+            name = owner.get(c)
+            if name is None:
+                todo.append(c)
+            elif name not in inside.get(nd, ()):
+                bad.add(name)
+    return bad
+
+
+def _norm_sample_gram(
+    ly: _Norm, xhats: list[torch.Tensor], dzs: list[torch.Tensor], *, sums: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-example Gram of a norm layer's gain (and shift) gradients; as :func:`_layer_sample_gram`."""
+    gw = sum(ly.rows(dz * xh.to(dz.dtype)) for xh, dz in zip(xhats, dzs, strict=True))
+    assert isinstance(gw, torch.Tensor)
+    gram = gw @ gw.T
+    gb = None
+    if ly.bias is not None:
+        rb = sum(ly.rows(dz) for dz in dzs)
+        assert isinstance(rb, torch.Tensor)
+        gram = gram.addmm_(rb, rb.T)
+        gb = rb.sum(0) if sums else None
+    shape = ly.module.weight.shape  # type: ignore[union-attr]
+    return gram, gw.sum(0).reshape(shape) if sums else None, gb
 
 
 def sample_gram(
@@ -795,7 +985,8 @@ def sample_gram(
 
     Args:
         plan: layers to accelerate without checking them again; ``None``: the candidate
-            layers, checked in the same forward and backward (as in :func:`build_plan`).
+            layers (Linear/Conv as in :func:`build_plan`, and norm layers), checked in the
+            same forward by walking its autograd graph (:func:`_outside_uses`).
         accelerate: ``False``: ``vmap`` for every block.
 
     Returns:
@@ -809,7 +1000,9 @@ def sample_gram(
         layers, skipped, check = list(plan.layers), dict(plan.skipped), False
     elif accelerate:
         cands, skipped = _candidates(ev)
-        layers, check = list(cands), True
+        norms, skipped_norms = _norm_candidates(ev)
+        layers, check = [*cands, *norms], True
+        skipped.update(skipped_norms)
     else:
         plan = GramPlan.plain(ev)
         layers, skipped, check = [], dict(plan.skipped), False
@@ -817,7 +1010,7 @@ def sample_gram(
         skipped.update({ly.name: "loss not separable by example" for ly in layers})
         layers = []
     if layers:
-        rec = _Recorder(layers, ev)
+        rec = _SampleRecorder(layers, ev)
         with rec.active():
             rec.new_group()
             out = ev.output(theta, batch)
@@ -831,17 +1024,30 @@ def sample_gram(
         else:
             if check:
                 records = _drop_untracked(rec.groups[0], skipped)
+                for r in rec.groups[0]:
+                    if r[1] is None:
+                        skipped[r[0].name] = "BatchNorm uses batch statistics (training mode)"
                 layers = [ly for ly in layers if ly.name not in skipped]
             else:
                 records = rec.groups[0]
                 _untracked_error(records)
-            wanted = _checked_blocks(layers) if check else []
-            grads = torch.autograd.grad(
-                losses.sum(), [r[3] for r in records] + [theta[i] for i in wanted], allow_unused=True
-            )
-            by_layer = _by_layer(records, grads[: len(records)])
-            true = dict(zip(wanted, grads[len(records) :], strict=True))
-            kept, mine, theirs = [], [], []
+            total = losses.sum()
+            if check:
+                keep = {id(r) for r in records}
+                stops = [s for r, s in zip(rec.groups[0], rec.stops, strict=True) if id(r) in keep]
+                called = {r[0].name for r in records}
+                for ly in layers:
+                    if ly.name not in called:
+                        skipped[ly.name] = "never called as a module (used functionally)"
+                layers = [ly for ly in layers if ly.name in called]
+                outside = _outside_uses(total.grad_fn, records, stops, layers, theta)
+                for name in outside:
+                    skipped[name] = "weight also used outside the layer's call"
+                layers = [ly for ly in layers if ly.name not in outside]
+                records = [r for r in records if r[0].name not in outside]
+            grads = torch.autograd.grad(total, [r[3] for r in records], allow_unused=True)
+            by_layer = _by_layer(records, grads)
+            kept = []
             with torch.no_grad():
                 for ly in layers:
                     recs = by_layer.get(id(ly), [])
@@ -855,34 +1061,14 @@ def sample_gram(
                         continue
                     pairs = [(x, dz) for x, _, dz in recs if dz is not None]
                     if pairs:
-                        lg, gw, gb = _layer_sample_gram(ly, [q[0] for q in pairs], [q[1] for q in pairs])
-                    else:  # the layer's output does not reach the loss
-                        lg = torch.zeros_like(gram)
-                        gw = torch.zeros_like(space.initial[ly.weight])
-                        gb = None if ly.bias is None else torch.zeros_like(space.initial[ly.bias])
-                    kept.append((ly, lg, 1 + (gb is not None)))
-                    if check:
-                        for mine_t, i in ((gw, ly.weight), (gb, ly.bias)):
-                            if mine_t is not None and i is not None:
-                                mine.append(mine_t)
-                                theirs.append(torch.zeros_like(mine_t) if true[i] is None else true[i])
-                # one host synchronization for all checks: relative distances to autograd's sums
-                if mine:
-                    num = torch.stack(torch._foreach_norm(torch._foreach_sub(mine, theirs)))
-                    den = torch.stack(torch._foreach_norm(theirs))
-                    rel = (num / (den + torch.finfo(den.dtype).tiny)).tolist()
-                else:
-                    rel = [0.0] * sum(c for _, _, c in kept)
-                tol = 1e-9 if gram.dtype == torch.float64 else 1e-4
-                layers, pos = [], 0
-                for ly, lg, count in kept:
-                    bad = max(rel[pos : pos + count]) > tol
-                    pos += count
-                    if bad:
-                        skipped[ly.name] = "weight also used outside the layer's call"
-                        continue
-                    layers.append(ly)
-                    gram += lg.to(gram.dtype)
+                        xs, dzs = [q[0] for q in pairs], [q[1] for q in pairs]
+                        if isinstance(ly, _Norm):
+                            lg, _, _ = _norm_sample_gram(ly, xs, dzs, sums=False)
+                        else:
+                            lg, _, _ = _layer_sample_gram(ly, xs, dzs, form=_FORM, sums=False)
+                        gram += lg.to(gram.dtype)
+                    kept.append(ly)  # (a layer whose output does not reach the loss adds 0)
+                layers = kept
     used = {i for ly in layers for i in (ly.weight, ly.bias) if i is not None}
     plan = GramPlan(tuple(layers), tuple(i for i in range(len(space.blocks)) if i not in used), skipped)
     if plan.fallback:
