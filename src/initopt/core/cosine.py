@@ -527,6 +527,7 @@ def subbatch_gram(
     *,
     plan: GramPlan | None = None,
     create_graph: bool = False,
+    clock: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the gradients of D groups, :math:`G_k = \\nabla_\\theta L(\\text{part}_k)`,
     at :math:`\\theta = \\alpha \\odot W^0`.
@@ -541,6 +542,7 @@ def subbatch_gram(
         parts: the D groups (e.g. :func:`~initopt.core.split_batch` of a batch).
         plan: from :func:`build_plan`; ``None`` accelerates nothing.
         create_graph: keep the graph for a derivative of the result.
+        clock: called with ``"forward"``, ``"gradients"`` and ``"gram"`` after each phase.
 
     Returns:
         ``(gram, losses)``: the D x D Gram matrix and the D group losses.
@@ -565,6 +567,8 @@ def subbatch_gram(
         for k, part in enumerate(parts):
             rec.new_group()
             losses.append(ev.loss(tensors, part, where=f"sub-batch {k}"))
+    if clock is not None:
+        clock("forward")
     d = len(parts)
     fallback_grads: list[list[torch.Tensor]] = []
     per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
@@ -591,9 +595,13 @@ def subbatch_gram(
             if ly.bias is not None:
                 sums = bias_sums.setdefault(id(ly), [0] * d)
                 sums[k] = sums[k] + ly.bgrad(dz)
+    if clock is not None:
+        clock("gradients")
     gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
     with torch.set_grad_enabled(create_graph):
         gram = _assemble(gram, per_layer, bias_sums, fallback_grads, rest, space)
+    if clock is not None:
+        clock("gram")
     return gram, torch.stack([loss.detach() if not create_graph else loss for loss in losses]).to(gram.dtype)
 
 

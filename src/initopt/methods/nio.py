@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,12 +171,20 @@ class NIO(Method):
         return -gc - self.config.mu * gn
 
     def iteration(
-        self, ev: Evaluator, alpha: torch.Tensor, batch: Batch, plan: GramPlan | None = None
+        self,
+        ev: Evaluator,
+        alpha: torch.Tensor,
+        batch: Batch,
+        plan: GramPlan | None = None,
+        clock: Callable[[str], None] | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One NIO iteration at ``alpha``: the scale gradient and a record (branch, gc, gn, loss)."""
+        """One NIO iteration at ``alpha``: the scale gradient and a record (branch, gc, gn, loss).
+
+        ``clock``, if given, is called with ``"forward"``, ``"gradients"``, ``"gram"`` and
+        ``"backward"`` after each phase (for timing breakdowns)."""
         cfg = self.config
         a = alpha.detach().clone().requires_grad_(True)
-        gram, losses = subbatch_gram(ev, a, self.parts(batch), plan=plan, create_graph=True)
+        gram, losses = subbatch_gram(ev, a, self.parts(batch), plan=plan, create_graph=True, clock=clock)
         gc, norms = cosine_from_gram(gram, cfg.eps)
         gn = norms.mean()
         # distributed: the bound is on the mean over ranks, so every rank takes the same branch
@@ -187,6 +196,8 @@ class NIO(Method):
             )
         branch = "constraint" if gn_v > cfg.gamma else "objective"
         (grad,) = torch.autograd.grad(self.objective(gc, gn, branch), a)
+        if clock is not None:
+            clock("backward")
         return dist.all_reduce_mean(grad.detach()), {"branch": branch, "gc": gc_v, "gn": gn_v, "loss": loss_v}
 
     def measure(self, ev: Evaluator, alpha: torch.Tensor, batch: Batch, plan: GramPlan | None) -> dict[str, float]:

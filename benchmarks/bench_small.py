@@ -1,0 +1,213 @@
+"""Cost of one MetaInit and one NIO iteration on the demo's small model, in training steps.
+
+Claim (issue 13): on the model and batch of ``initopt demo`` -- the plain ReLU MLP with 10
+hidden layers of 64 units on the 64 digits features (``TASKS["digits"]`` in
+``initopt/cli.py``), batch 64 of the demo's data loader -- one MetaInit iteration costs at
+most 6 SGD training steps and one NIO iteration at most 4, at 1 thread (2 threads reported
+too). On a model this small fixed per-iteration overhead (Python, autograd nodes, small
+kernels) weighs more than on VGG-11.
+
+Method: one process; per thread count, ``--repeats`` interleaved rounds of (a) ``3 * iters``
+SGD training steps (zero_grad, forward, cross-entropy, backward, ``SGD.step``), (b)
+``iters`` MetaInit iterations at the defaults (``MetaInitRun.step``: noise batch, GQ with
+its gradient and Hessian-vector product, the backward through both, the norm update; as in
+``bench_metainit.py``), (c) an ``initialize_(..., "nio", steps=iters, guard=False)`` run at
+the defaults, whose per-iteration ``seconds`` records are read (as in ``bench_nio.py``;
+sub-batch forwards, gradients, B-GC/B-GN, scale gradient, scale update; the one-time plan
+excluded). Per round the ratio of medians; reported as median and range over rounds, for
+wall-clock time. A per-phase breakdown of both methods' iterations follows (MetaInit:
+``MetaInitRun.step``'s clock; NIO: ``NIO.iteration``'s clock plus the update).
+
+    python benchmarks/bench_small.py [--quick] [--threads 1 2] [--repeats 7] [--iters 10] [--out DIR]
+
+Writes ``small_cost.json`` (``small_cost_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from bench_metainit import PHASES as METAINIT_PHASES
+from bench_metainit import Stepper, TrainStep, environment
+from torch import nn
+
+import initopt
+from initopt.cli import TASKS, load_model, load_task
+from initopt.core import search_mode
+from initopt.core.batches import Task
+from initopt.core.cosine import GramPlan, build_plan
+from initopt.core.functional import Evaluator
+from initopt.core.optim import RescaleAdam
+from initopt.data import loader
+from initopt.methods.nio import NIO
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NIO_PHASES = ["forward", "gradients", "gram", "backward", "update"]
+
+
+def build(seed: int = 0, batch_size: int = 64) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
+    """The demo's model, data loader and first batch, built as ``initopt demo`` builds them."""
+    train, _ = load_task("digits", seed=seed)
+    make = load_model(TASKS["digits"]["model"], "digits")
+    torch.manual_seed(seed)
+    model = make()
+    dl = loader(train, batch_size, seed=seed)
+    batch = next(iter(dl))
+    info = {
+        "model": f"zoo.mlp({', '.join(f'{k}={v}' for k, v in TASKS['digits']['model_args'].items())})",
+        "data": "digits (initopt demo)",
+        "batch_size": batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return model, dl, batch, info
+
+
+def nio_seconds(model: nn.Module, data: Any, iters: int) -> list[float]:
+    """Per-iteration seconds of an NIO run at the defaults (``initialize_`` history)."""
+    res = initopt.initialize_(copy.deepcopy(model), data, "nio", steps=iters, guard=False, progress=False)
+    return [h["seconds"] for h in res.history]
+
+
+def _median_seconds(fn: Callable[[], Any], n: int) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _range(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def measure(model: nn.Module, data: Any, batch: Any, repeats: int, iters: int) -> dict[str, Any]:
+    """Interleaved rounds of training steps, MetaInit and NIO iterations."""
+    train = TrainStep(model, batch)
+    meta = Stepper(copy.deepcopy(model), batch)
+    try:
+        for _ in range(3):  # warm-up
+            train.step()
+            meta.step()
+        nio_seconds(model, data, 2)
+        rounds: dict[str, list[float]] = {"train_step": [], "metainit": [], "nio": []}
+        for _ in range(repeats):
+            rounds["train_step"].append(_median_seconds(train.step, 3 * iters))
+            rounds["metainit"].append(_median_seconds(meta.step, iters))
+            rounds["nio"].append(statistics.median(nio_seconds(model, data, iters)))
+    finally:
+        meta.close()
+    out: dict[str, Any] = {"seconds": {k: _range(v) for k, v in rounds.items()}, "per_round_seconds": rounds}
+    for k in ("metainit", "nio"):
+        out[f"{k}_in_train_steps"] = _range([a / b for a, b in zip(rounds[k], rounds["train_step"], strict=True)])
+    return out
+
+
+def _phases(clocks: list[list[tuple[str, float]]], names: list[str]) -> dict[str, Any]:
+    per: dict[str, list[float]] = {p: [] for p in names}
+    for clock in clocks:
+        clock = [c for c in clock if c[0] != "start"]
+        for (_, a), (name, b) in itertools.pairwise(clock):
+            per.setdefault(name, []).append(b - a)
+    med = {p: statistics.median(v) for p, v in per.items() if v}
+    total = sum(med.values())
+    return {"seconds": med, "fraction": {p: v / total for p, v in med.items()}}
+
+
+def metainit_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, Any]:
+    st = Stepper(copy.deepcopy(model), batch)
+    try:
+        st.step()
+        clocks = []
+        for _ in range(steps):
+            clock: list[tuple[str, float]] = [("t0", time.perf_counter())]
+            st.step(clock)
+            clocks.append(clock)
+        return _phases(clocks, METAINIT_PHASES)
+    finally:
+        st.close()
+
+
+def nio_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, Any]:
+    """Phases of the loop body of ``NIO.search`` (the same calls, with a clock)."""
+    net = copy.deepcopy(model)
+    method = NIO()
+    cfg = method.config
+    with search_mode(net, cfg.mode):
+        space = method.make_space(net)
+        ev = Evaluator(net, space, Task())
+        alpha = space.ones()
+        lo, hi = space.bounds()
+        opt = RescaleAdam(lo, hi, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, clip=cfg.clip)
+        plan = build_plan(ev, batch, verify_scaling=True) if cfg.accelerate else GramPlan.plain(ev)
+        clocks = []
+        for t in range(steps + 1):
+            clock: list[tuple[str, float]] = [("t0", time.perf_counter())]
+            grad, rec = method.iteration(
+                ev, alpha, batch, plan, clock=lambda p, c=clock: c.append((p, time.perf_counter()))
+            )
+            opt.step(alpha, grad, kind=rec["branch"])
+            clock.append(("update", time.perf_counter()))
+            if t:
+                clocks.append(clock)
+    return _phases(clocks, NIO_PHASES)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few rounds, seconds (used by the tests)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    repeats, iters, phase_steps = (2, 2, 2) if args.quick else (args.repeats, args.iters, 20)
+    model, data, batch, info = build()
+    result: dict[str, Any] = {
+        "claim": "on the demo's MLP (digits, batch 64) at 1 thread: one MetaInit iteration <= 6 SGD training "
+        "steps, one NIO iteration <= 4 (issue 13); 2 threads reported too",
+        "config": {
+            **info,
+            "repeats": repeats,
+            "iters": iters,
+            "threads": args.threads,
+            "metainit": "defaults (noise inputs, eval mode, sign variant)",
+            "nio": "defaults (num_splits=4, train mode), guard off",
+        },
+        "provenance": environment(args.threads[0]),
+        "threads": {},
+    }
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        entry = measure(model, data, batch, repeats, iters)
+        entry["breakdown"] = {
+            "metainit": metainit_breakdown(model, batch, phase_steps),
+            "nio": nio_breakdown(model, batch, phase_steps),
+        }
+        result["threads"][str(threads)] = entry
+        m, n = entry["metainit_in_train_steps"], entry["nio_in_train_steps"]
+        print(
+            f"{threads} thread(s): train step {1e3 * entry['seconds']['train_step']['median']:.3f} ms; "
+            f"MetaInit {m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f}) train steps; "
+            f"NIO {n['median']:.2f} ({n['min']:.2f}-{n['max']:.2f})",
+            flush=True,
+        )
+    os.makedirs(args.out, exist_ok=True)
+    name = "small_cost_quick.json" if args.quick else "small_cost.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {os.path.join(args.out, name)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
