@@ -149,11 +149,12 @@ def nio_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, Any]:
         lo, hi = space.bounds()
         opt = RescaleAdam(lo, hi, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, clip=cfg.clip)
         plan = build_plan(ev, batch, verify_scaling=True) if cfg.accelerate else GramPlan.plain(ev)
+        fused = cfg.accelerate and method.fused_ok(ev, batch, plan)
         clocks = []
         for t in range(steps + 1):
             clock: list[tuple[str, float]] = [("t0", time.perf_counter())]
             grad, rec = method.iteration(
-                ev, alpha, batch, plan, clock=lambda p, c=clock: c.append((p, time.perf_counter()))
+                ev, alpha, batch, plan, clock=lambda p, c=clock: c.append((p, time.perf_counter())), fused=fused
             )
             opt.step(alpha, grad, kind=rec["branch"])
             clock.append(("update", time.perf_counter()))

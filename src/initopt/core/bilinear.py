@@ -33,6 +33,7 @@ other operations, contracted with :math:`W^0`. Outside ``projecting`` every grad
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -202,6 +203,11 @@ class ProjectedWeightGrads:
 
     Args:
         weights: tensors (usually the leaves a search evaluates the model at).
+        min_macs: operations with fewer multiply-adds than this (batch x output positions x
+            weight size / groups, estimated from the input's shape) keep the plain autograd
+            path: on small layers the Python-level algebra costs more than the
+            weight-gradient kernels it saves (the caller measures where; 0: every operation
+            on a registered weight is projected).
 
     Example:
         >>> lin = torch.nn.Linear(3, 2)
@@ -215,7 +221,8 @@ class ProjectedWeightGrads:
         True
     """
 
-    def __init__(self, weights: Iterable[torch.Tensor]) -> None:
+    def __init__(self, weights: Iterable[torch.Tensor], *, min_macs: int = 0) -> None:
+        self.min_macs = int(min_macs)
         self._weights = {id(w): w for w in weights}
         self._euler = {
             k: torch.zeros((), dtype=w.dtype, device=w.device, requires_grad=True) for k, w in self._weights.items()
@@ -280,12 +287,20 @@ class ProjectedWeightGrads:
         if func is F.linear:
             if x.ndim < 1 or w.ndim != 2:
                 return NotImplemented
+            if self.min_macs and (x.numel() // max(1, x.shape[-1])) * w.numel() < self.min_macs:
+                return NotImplemented
             k: Any = _Linear()
         else:
             nd = _CONVS[func]
             padding = _arg(args, kwargs, 4, "padding", 0)
             if isinstance(padding, str) or x.ndim != nd + 2 or w.ndim != nd + 2:
                 return NotImplemented  # 'same'/'valid' strings and unbatched inputs: plain path
+            if self.min_macs:
+                stride = _arg(args, kwargs, 3, "stride", 1)
+                steps = math.prod(stride) if isinstance(stride, (tuple, list)) else int(stride) ** nd
+                positions = x.shape[0] * math.prod(x.shape[2:]) // max(1, steps)
+                if positions * w.numel() < self.min_macs:
+                    return NotImplemented
             k = _Conv(
                 nd,
                 _arg(args, kwargs, 3, "stride", 1),

@@ -66,7 +66,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
-from initopt.core.batches import Batch, batch_size, check_loss, split_batch
+from initopt.core.batches import Batch, batch_size, check_loss, concat_batches, split_batch
 from initopt.core.functional import Evaluator
 from initopt.errors import LossError, ModelError
 
@@ -527,6 +527,7 @@ def subbatch_gram(
     *,
     plan: GramPlan | None = None,
     create_graph: bool = False,
+    fused: bool = False,
     clock: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the gradients of D groups, :math:`G_k = \\nabla_\\theta L(\\text{part}_k)`,
@@ -536,12 +537,22 @@ def subbatch_gram(
     backward per part. With ``create_graph`` the result is differentiable with respect to
     ``alpha`` (pass ``alpha`` with ``requires_grad=True``); this is NIO's objective.
 
+    ``fused=True`` (for models that treat the examples of a batch independently, and plans
+    that accelerate every block): one forward of the concatenated parts and one backward of
+    :math:`\\sum_k L_k`, the loss of part k computed from its rows of the output; the output
+    gradient of a row then comes from its own part's loss only, so each accelerated layer's
+    group gradients are its per-row terms summed by part. The same Gram matrix (to round-off)
+    with a D-th of the forwards and backwards; :meth:`NIO.fused_ok
+    <initopt.methods.nio.NIO.fused_ok>` checks a model against the per-part engine before
+    using it.
+
     Args:
         ev: evaluator of the model (mode set by the caller's :func:`search_mode`).
         alpha: scales, one per block.
         parts: the D groups (e.g. :func:`~initopt.core.split_batch` of a batch).
         plan: from :func:`build_plan`; ``None`` accelerates nothing.
         create_graph: keep the graph for a derivative of the result.
+        fused: one forward and backward for all parts (see above).
         clock: called with ``"forward"``, ``"gradients"`` and ``"gram"`` after each phase.
 
     Returns:
@@ -562,6 +573,8 @@ def subbatch_gram(
             tensors.append(w0 * a[i].to(w0.dtype))
     rest = list(plan.fallback)
     rec = _Recorder(plan.layers, ev, alpha=a)
+    if fused:
+        return _fused_gram(ev, a, tensors, parts, plan, rec, create_graph, clock)
     losses = []
     with rec.active():
         for k, part in enumerate(parts):
@@ -603,6 +616,81 @@ def subbatch_gram(
     if clock is not None:
         clock("gram")
     return gram, torch.stack([loss.detach() if not create_graph else loss for loss in losses]).to(gram.dtype)
+
+
+def _fused_gram(
+    ev: Evaluator,
+    a: torch.Tensor,
+    tensors: list[torch.Tensor],
+    parts: Sequence[Batch],
+    plan: GramPlan,
+    rec: _Recorder,
+    create_graph: bool,
+    clock: Callable[[str], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`subbatch_gram` with ``fused=True``: one forward and one backward for all parts."""
+    if plan.fallback:
+        raise ValueError("the fused sub-batch engine needs a plan that accelerates every block")
+    space = ev.space
+    sizes = [batch_size(p) for p in parts]
+    with rec.active():
+        rec.new_group()
+        out = ev.output(tensors, concat_batches(list(parts)))
+    if not (isinstance(out, torch.Tensor) and out.ndim > 0 and out.shape[0] == sum(sizes)):
+        raise ValueError("the fused sub-batch engine needs a model output tensor with one row per example")
+    losses = []
+    for k, (rows, part) in enumerate(zip(torch.split(out, sizes), parts, strict=True)):
+        loss = check_loss(ev.task.loss(rows, part), f"sub-batch {k}")
+        if not torch._C._are_functorch_transforms_active() and not bool(torch.isfinite(loss.detach())):
+            raise LossError(f"the loss on sub-batch {k} is {float(loss.detach())}: non-finite")
+        losses.append(loss)
+    if clock is not None:
+        clock("forward")
+    records = rec.groups[0]
+    _untracked_error(records)
+    total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    dzs = torch.autograd.grad(total, [r[3] for r in records], create_graph=create_graph, allow_unused=True)
+    d = len(parts)
+    per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
+    bias_sums: dict[int, list[Any]] = {}
+    rows: list[torch.Tensor] = []  # (D, size) group gradients of dense layers, concatenated below
+    equal = len(set(sizes)) == 1
+    calls: dict[int, int] = {}
+    for r in records:
+        calls[id(r[0])] = calls.get(id(r[0]), 0) + 1
+    for (ly, x, version, _), dz in zip(records, dzs, strict=True):
+        if x._version != version:
+            raise ModelError(
+                f"the input of layer {ly.name!r} was changed in place after the layer ran; "
+                "the gradient engine cannot use it (pass accelerate=False)"
+            )
+        if dz is None:
+            continue
+        if not ly.conv and equal and x.ndim == 2 and calls[id(ly)] == 1:
+            # a dense layer called once on vectors: all D group gradients by one batched product
+            dzg, xg = dz.reshape(d, sizes[0], -1), x.to(dz.dtype).reshape(d, sizes[0], -1)
+            rows.append(torch.bmm(dzg.transpose(1, 2), xg).reshape(d, -1))
+            if ly.bias is not None:
+                rows.append(dzg.sum(1))
+            continue
+        _, groups, flat = per_layer.setdefault(id(ly), (ly, [], []))
+        sums = bias_sums.setdefault(id(ly), [0] * d) if ly.bias is not None else None
+        for k, (xk, dzk) in enumerate(zip(torch.split(x, sizes), torch.split(dz, sizes), strict=True)):
+            groups.append(k)
+            flat += [xk, dzk]
+            if sums is not None:
+                sums[k] = sums[k] + ly.bgrad(dzk)
+    if clock is not None:
+        clock("gradients")
+    gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
+    with torch.set_grad_enabled(create_graph):
+        gram = _assemble(gram, per_layer, bias_sums, [], [], space)
+        if rows:
+            m = torch.cat(rows, dim=1)
+            gram = gram + (m @ m.T).to(gram.dtype)
+    if clock is not None:
+        clock("gram")
+    return gram, torch.stack([loss if create_graph else loss.detach() for loss in losses]).to(gram.dtype)
 
 
 def _assemble(
