@@ -228,6 +228,7 @@ class ProjectedWeightGrads:
             k: torch.zeros((), dtype=w.dtype, device=w.device, requires_grad=True) for k, w in self._weights.items()
         }
         self.projecting_now = False
+        self.projected_calls = 0  # operations run through the algebra so far
 
     def is_weight(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and self._weights.get(id(t)) is t
@@ -308,6 +309,7 @@ class ProjectedWeightGrads:
                 _arg(args, kwargs, 5, "dilation", 1),
                 _arg(args, kwargs, 6, "groups", 1),
             )
+        self.projected_calls += 1
         y = _Fwd.apply(x, w, self._euler[id(w)], k, self)
         return y if b is None else k.bias(y, b)
 

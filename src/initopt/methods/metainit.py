@@ -52,8 +52,10 @@ algebra costs, and keep plain autograd).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -439,6 +441,12 @@ class MetaInit(Method):
     def mode(self) -> str:
         return self.config.mode
 
+    @functools.cached_property
+    def _unprojected(self) -> weakref.WeakSet[Evaluator]:
+        """Evaluators whose forward had no operation above ``projected_min_macs`` (the batch
+        shape is fixed within a search, so the next forwards have none either)."""
+        return weakref.WeakSet()
+
     # -- pieces ---------------------------------------------------------------------------
 
     def tuned(self, space: ScaleSpace) -> list[int]:
@@ -484,13 +492,13 @@ class MetaInit(Method):
 
         tick("start")
         theta = space.leaves(alpha)
-        pwg = (
-            ProjectedWeightGrads(theta, min_macs=self.config.projected_min_macs)
-            if self.config.projected_grads
-            else None
-        )
+        # an evaluator on which no operation reached the size threshold skips the interception
+        project = self.config.projected_grads and ev not in self._unprojected
+        pwg = ProjectedWeightGrads(theta, min_macs=self.config.projected_min_macs) if project else None
         with pwg.intercept() if pwg is not None else contextlib.nullcontext():
             loss = ev.loss(theta, batch, where="a MetaInit batch")
+        if pwg is not None and pwg.projected_calls == 0:
+            self._unprojected.add(ev)
         tick("forward")
         g, hg = gradient_and_hvp(loss, theta, create_graph=True, clock=tick if clock is not None else None)
         n = sum(t.numel() for t in theta)
