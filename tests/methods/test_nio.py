@@ -116,6 +116,60 @@ def test_iteration_scale_gradient_equals_finite_differences(target, gamma, branc
     torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("branch", ["objective", "constraint"])
+def test_euler_scale_gradient_equals_plain_autograd_and_finite_differences(conv, branch):
+    """projected_grads (Euler's identity through the not-accelerated conv/linear tensors) gives
+    the scale gradient of plain autograd, and central differences, in float64."""
+    from initopt.core.cosine import build_plan
+
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(8, 3)
+        ).double()
+        g = torch.Generator().manual_seed(3)
+        S = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    else:
+        model, S = _tiny(), _batch(1)
+    space = ScaleSpace(model)
+    ev = Evaluator(model, space, Task())
+    gamma = 1e9 if branch == "objective" else 1e-9
+    alpha0 = torch.linspace(0.7, 1.3, len(space), dtype=torch.float64)
+    grads = {}
+    with search_mode(model):
+        plans = {"plain": None, "accelerated": build_plan(ev, S, max_examples=None)}
+        for key, projected, min_macs in (("euler", True, 0), ("autograd", False, 0), ("gated", True, 10**12)):
+            for pname, plan in plans.items():
+                nio = NIO(num_splits=4, gamma=gamma, mu=0.7, projected_grads=projected, projected_min_macs=min_macs)
+                grads[key, pname], rec = nio.iteration(ev, alpha0, S, plan)
+                assert rec["branch"] == branch
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads["autograd", "plain"], rtol=1e-9, atol=1e-12)
+    w0 = [p.detach() for p in model.parameters()]
+
+    def J(alpha):
+        params = [(w * a).requires_grad_() for w, a in zip(w0, alpha, strict=True)]
+        gs = []
+        for x, y in split_batch(S, 4):
+            out = torch.func.functional_call(
+                model, dict(zip([n for n, _ in model.named_parameters()], params, strict=True)), (x,)
+            )
+            g = torch.autograd.grad(F.cross_entropy(out, y), params)
+            gs.append(torch.cat([t.reshape(-1) for t in g]))
+        G = torch.stack(gs)
+        gram = G @ G.T
+        n = gram.diagonal().sqrt()
+        cos = gram / (n[:, None] * n[None, :] + 1e-8)
+        gc = (cos.sum() - cos.diagonal().sum()) / 12
+        return float(n.mean()) if branch == "constraint" else float(-gc - 0.7 * n.mean())
+
+    h = 1e-6
+    eye = torch.eye(len(space), dtype=torch.float64)
+    fd = torch.tensor([(J(alpha0 + h * e) - J(alpha0 - h * e)) / (2 * h) for e in eye], dtype=torch.float64)
+    torch.testing.assert_close(grads["euler", "plain"], fd, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("n", [8, 10])  # equal sub-batches (batched dense path) and unequal (per-part slices)
 def test_fused_engine_scale_gradient_equals_finite_differences(n):
     """One forward for all sub-batches (NIO.fused_ok holds for a model without BatchNorm): the

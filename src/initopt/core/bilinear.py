@@ -262,10 +262,27 @@ class ProjectedWeightGrads:
         operations outside the algebra and :math:`E_j` the Euler scalar's gradient
         (:math:`\\langle\\nabla_{t_j}J, t_j\\rangle` from the algebra's operations).
         """
-        tensors = list(tensors)
+        return self.scale_gradient_with(output, tensors, initial, scales, ())[0]
+
+    def scale_gradient_with(
+        self,
+        output: torch.Tensor,
+        tensors: Sequence[torch.Tensor],
+        initial: Sequence[torch.Tensor],
+        scales: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """:meth:`scale_gradient` and, in the same backward pass, the plain gradients of
+        ``output`` with respect to ``inputs`` (``None`` where it does not reach them), for
+        objectives that depend on the scales also by other paths (e.g. NIO's output-scaled
+        layers)."""
+        tensors, inputs = list(tensors), list(inputs)
         eulers = [self._euler[id(t)] for t in tensors if self.is_weight(t)]
         with self.projecting():
-            grads = torch.autograd.grad(output, [*tensors, *eulers], allow_unused=True)
+            grads = torch.autograd.grad(output, [*inputs, *tensors, *eulers], allow_unused=True)
+        extra, grads = tuple(grads[: len(inputs)]), grads[len(inputs) :]
+        if not tensors:
+            return scales.new_zeros(0), extra
         direct = self.contract(grads[: len(tensors)], initial)
         it = iter(grads[len(tensors) :])
         zero = torch.zeros((), dtype=direct.dtype, device=direct.device)
@@ -275,7 +292,7 @@ class ProjectedWeightGrads:
             euler.append(zero if g is None else g.to(direct.dtype))
         e = torch.stack(euler)
         s = scales.to(direct.dtype)
-        return direct + torch.where(e == 0, zero, e / torch.where(s == 0, torch.ones_like(s), s))
+        return direct + torch.where(e == 0, zero, e / torch.where(s == 0, torch.ones_like(s), s)), extra
 
     def _call(self, func: Any, args: tuple, kwargs: dict) -> Any:
         x = _arg(args, kwargs, 0, "input", None)

@@ -54,6 +54,7 @@ output-scaled evaluation equals the plain one at scales away from 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -67,6 +68,7 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
 from initopt.core.batches import Batch, batch_size, check_loss, concat_batches, split_batch
+from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.functional import Evaluator
 from initopt.errors import LossError, ModelError
 
@@ -528,6 +530,8 @@ def subbatch_gram(
     plan: GramPlan | None = None,
     create_graph: bool = False,
     fused: bool = False,
+    projector: ProjectedWeightGrads | None = None,
+    fallback_leaves: Sequence[torch.Tensor] | None = None,
     clock: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the gradients of D groups, :math:`G_k = \\nabla_\\theta L(\\text{part}_k)`,
@@ -553,6 +557,14 @@ def subbatch_gram(
         plan: from :func:`build_plan`; ``None`` accelerates nothing.
         create_graph: keep the graph for a derivative of the result.
         fused: one forward and backward for all parts (see above).
+        projector, fallback_leaves: for a scale gradient by Euler's identity
+            (:mod:`initopt.core.bilinear`): the blocks not accelerated by ``plan`` are evaluated
+            at ``fallback_leaves[i]`` (detached leaves :math:`\\alpha_i W^0_i`, registered with
+            ``projector``) instead of :math:`\\alpha_i W^0_i` on the graph of ``alpha``, and the
+            forwards run under ``projector.intercept()``. The Gram matrix is the same; its
+            derivative with respect to those blocks' scales is then
+            ``projector.scale_gradient_with`` (NIO's outer backward), with respect to the
+            accelerated ones the gradient to ``alpha``.
         clock: called with ``"forward"``, ``"gradients"`` and ``"gram"`` after each phase.
 
     Returns:
@@ -569,6 +581,8 @@ def subbatch_gram(
             tensors.append(w0)
         elif i in acc_b:
             tensors.append(torch.zeros_like(w0))
+        elif fallback_leaves is not None:
+            tensors.append(fallback_leaves[i])
         else:
             tensors.append(w0 * a[i].to(w0.dtype))
     rest = list(plan.fallback)
@@ -576,7 +590,7 @@ def subbatch_gram(
     if fused:
         return _fused_gram(ev, a, tensors, parts, plan, rec, create_graph, clock)
     losses = []
-    with rec.active():
+    with rec.active(), projector.intercept() if projector is not None else contextlib.nullcontext():
         for k, part in enumerate(parts):
             rec.new_group()
             losses.append(ev.loss(tensors, part, where=f"sub-batch {k}"))

@@ -39,6 +39,7 @@ import torch
 
 from initopt.core import dist
 from initopt.core.batches import Batch, batch_size, split_batch
+from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.cosine import GramPlan, build_plan, cosine_from_gram, subbatch_gram
 from initopt.core.functional import Evaluator
 from initopt.core.optim import RescaleAdam
@@ -68,6 +69,14 @@ class NIOConfig:
         betas, adam_eps: of the scale optimizer.
         accelerate: compute Linear/Conv gradients through the hooked Gram engine (exact, faster);
             ``False``: plain autograd for every tensor.
+        projected_grads: in the derivative with respect to the scales, the tensors the engine
+            does not accelerate (all of them with ``accelerate=False``) contribute
+            :math:`\\langle\\nabla_W J, W^0\\rangle` by Euler's identity through conv/linear
+            layers, without weight-gradient kernels (:mod:`initopt.core.bilinear`, as in
+            MetaInit; same values). Accelerated layers never form weight gradients there: their
+            scale multiplies the layer output.
+        projected_min_macs: layers with fewer multiply-adds per call keep plain autograd (as
+            MetaInit's; the algebra's Python-level cost exceeds the kernels saved on small layers).
         mode: ``"train"`` (BatchNorm on batch statistics, dropout off) or ``"eval"``.
         guard: keep the scales only if copies trained from them for ``guard_steps`` real
             optimizer steps reach a lower held-out loss than copies trained from the start
@@ -89,6 +98,8 @@ class NIOConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     accelerate: bool = True
+    projected_grads: bool = True
+    projected_min_macs: int = 1 << 23
     mode: str = "train"
     guard: bool = True
     guard_steps: int = 25
@@ -122,6 +133,9 @@ class NIOConfig:
             raise ConfigError(f"nio: betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.adam_eps > 0:
             raise ConfigError(f"nio: adam_eps must be > 0, got {self.adam_eps!r}")
+        v = self.projected_min_macs
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ConfigError(f"nio: projected_min_macs must be an integer >= 0, got {v!r}")
         if self.mode not in ("train", "eval"):
             raise ConfigError(f"nio: mode must be 'train' or 'eval', got {self.mode!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -216,8 +230,24 @@ class NIO(Method):
         ``"backward"`` after each phase (for timing breakdowns); ``fused``: one forward for all
         sub-batches (only where :meth:`fused_ok`)."""
         cfg = self.config
+        space = ev.space
         a = alpha.detach().clone().requires_grad_(True)
-        gram, losses = subbatch_gram(ev, a, self.parts(batch), plan=plan, create_graph=True, fused=fused, clock=clock)
+        rest = list(range(len(space.blocks))) if plan is None else list(plan.fallback)
+        pwg, theta = None, None
+        if cfg.projected_grads and rest and not fused:
+            theta = space.leaves(alpha)
+            pwg = ProjectedWeightGrads([theta[i] for i in rest], min_macs=cfg.projected_min_macs)
+        gram, losses = subbatch_gram(
+            ev,
+            a,
+            self.parts(batch),
+            plan=plan,
+            create_graph=True,
+            fused=fused,
+            projector=pwg,
+            fallback_leaves=theta,
+            clock=clock,
+        )
         gc, norms = cosine_from_gram(gram, cfg.eps)
         gn = norms.mean()
         # distributed: the bound is on the mean over ranks, so every rank takes the same branch
@@ -228,7 +258,16 @@ class NIO(Method):
                 "lower lr or check the model and data"
             )
         branch = "constraint" if gn_v > cfg.gamma else "objective"
-        (grad,) = torch.autograd.grad(self.objective(gc, gn, branch), a)
+        obj = self.objective(gc, gn, branch)
+        if pwg is not None and theta is not None:
+            idx = torch.tensor(rest, dtype=torch.long, device=a.device)
+            d_rest, (d_a,) = pwg.scale_gradient_with(
+                obj, [theta[i] for i in rest], [space.initial[i] for i in rest], alpha.detach()[idx], [a]
+            )
+            grad = torch.zeros_like(a) if d_a is None else d_a.clone()
+            grad[idx] += d_rest.to(grad.dtype)
+        else:
+            (grad,) = torch.autograd.grad(obj, a)
         if clock is not None:
             clock("backward")
         return dist.all_reduce_mean(grad.detach()), {"branch": branch, "gc": gc_v, "gn": gn_v, "loss": loss_v}
