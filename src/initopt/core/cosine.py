@@ -320,17 +320,29 @@ class _Recorder:
     zero bias).
     """
 
-    def __init__(self, layers: Sequence[_Layer], ev: Evaluator, alpha: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[_Layer],
+        ev: Evaluator,
+        alpha: torch.Tensor | None = None,
+        folded: Sequence[torch.Tensor] | None = None,
+    ) -> None:
         self.layers = layers
         self.ev = ev
         self.alpha = alpha
+        # folded: the scales as 0-d tensors (one unbind of alpha, fewer graph nodes than one
+        # index per layer); the layers run with bias (alpha_b / alpha_W) b0, so the output
+        # scale alone gives alpha_W (W0 x) + alpha_b b0
+        self._cols = folded
         self.groups: list[list[tuple[_Layer, torch.Tensor, int, Any]]] = []
 
     def _hook(self, layer: _Layer) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> Any:
             x = args[0] if args else kwargs["input"]
             z = out
-            if self.alpha is not None:
+            if self._cols is not None:
+                z = out * self._cols[layer.weight].to(out.dtype)
+            elif self.alpha is not None:
                 a = self.alpha
                 z = out * a[layer.weight].to(out.dtype)
                 if layer.bias is not None:
@@ -574,19 +586,23 @@ def subbatch_gram(
     plan = GramPlan.plain(ev) if plan is None else plan
     a = alpha if alpha.requires_grad else alpha.detach().requires_grad_(True)
     acc_w = {ly.weight for ly in plan.layers}
-    acc_b = {ly.bias for ly in plan.layers if ly.bias is not None}
+    acc_b = {ly.bias: ly.weight for ly in plan.layers if ly.bias is not None}
+    # accelerated biases enter as (alpha_b / alpha_W) b0 inside the layer, whose output the
+    # hook multiplies by alpha_W (possible where every accelerated weight's scale is non-zero)
+    folded = bool(plan.layers) and bool((a.detach()[sorted(acc_w)] != 0).all())
+    cols = a.unbind(0) if folded else None
     tensors = []
     for i, w0 in enumerate(space.initial):
         if i in acc_w:
             tensors.append(w0)
         elif i in acc_b:
-            tensors.append(torch.zeros_like(w0))
+            tensors.append(w0 * (cols[i] / cols[acc_b[i]]).to(w0.dtype) if cols else torch.zeros_like(w0))
         elif fallback_leaves is not None:
             tensors.append(fallback_leaves[i])
         else:
             tensors.append(w0 * a[i].to(w0.dtype))
     rest = list(plan.fallback)
-    rec = _Recorder(plan.layers, ev, alpha=a)
+    rec = _Recorder(plan.layers, ev, alpha=a, folded=cols)
     if fused:
         return _fused_gram(ev, a, tensors, parts, plan, rec, create_graph, clock)
     losses = []
@@ -652,17 +668,34 @@ def _fused_gram(
         out = ev.output(tensors, concat_batches(list(parts)))
     if not (isinstance(out, torch.Tensor) and out.ndim > 0 and out.shape[0] == sum(sizes)):
         raise ValueError("the fused sub-batch engine needs a model output tensor with one row per example")
-    losses = []
-    for k, (rows, part) in enumerate(zip(torch.split(out, sizes), parts, strict=True)):
-        loss = check_loss(ev.task.loss(rows, part), f"sub-batch {k}")
-        if not torch._C._are_functorch_transforms_active() and not bool(torch.isfinite(loss.detach())):
-            raise LossError(f"the loss on sub-batch {k} is {float(loss.detach())}: non-finite")
-        losses.append(loss)
+    y = parts[0][1] if isinstance(parts[0], (tuple, list)) and len(parts[0]) >= 2 else None
+    if (
+        ev.task.loss_fn is None
+        and len(set(sizes)) == 1
+        and out.ndim == 2
+        and isinstance(y, torch.Tensor)
+        and y.ndim == 1
+        and not y.is_floating_point()
+        and all(bool((p[1] >= 0).all()) for p in parts)
+    ):
+        # the default loss, F.cross_entropy (mean) of each part: one call over all rows
+        targets = torch.cat([p[1] for p in parts])
+        per = F.cross_entropy(out, targets, reduction="none").reshape(len(parts), sizes[0]).mean(1)
+        losses = list(per.unbind(0))
+        stacked = per
+    else:
+        losses = [
+            check_loss(ev.task.loss(rows, part), f"sub-batch {k}")
+            for k, (rows, part) in enumerate(zip(torch.split(out, sizes), parts, strict=True))
+        ]
+        stacked = torch.stack(losses)
+    if not torch._C._are_functorch_transforms_active() and not bool(torch.isfinite(stacked.detach()).all()):
+        raise LossError(f"the sub-batch losses are {stacked.detach().tolist()}: non-finite")
     if clock is not None:
         clock("forward")
     records = rec.groups[0]
     _untracked_error(records)
-    total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    total = stacked.sum()
     dzs = torch.autograd.grad(total, [r[3] for r in records], create_graph=create_graph, allow_unused=True)
     d = len(parts)
     per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
@@ -704,7 +737,7 @@ def _fused_gram(
             gram = gram + (m @ m.T).to(gram.dtype)
     if clock is not None:
         clock("gram")
-    return gram, torch.stack([loss if create_graph else loss.detach() for loss in losses]).to(gram.dtype)
+    return gram, (stacked if create_graph else stacked.detach()).to(gram.dtype)
 
 
 def _assemble(
