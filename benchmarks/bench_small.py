@@ -163,6 +163,55 @@ def nio_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, Any]:
     return _phases(clocks, NIO_PHASES)
 
 
+def compiled_metainit(model: nn.Module, batch: Any, iters: int) -> dict[str, Any]:
+    """``torch.compile`` of MetaInit's objective and scale gradient, written with ``torch.func``
+    (the library's step differentiates twice with ``torch.autograd``, which compiled graphs do
+    not support): compile time, step time against the training step, and the largest
+    difference from the eager ``torch.func`` result. The GQ and the derivative are those of
+    ``MetaInit.objective`` on all tensors (eval mode, the demo batch)."""
+    import torch.nn.functional as F
+
+    net = copy.deepcopy(model).eval()
+    names = [n for n, _ in net.named_parameters()]
+    w0 = [p.detach().clone() for p in net.parameters()]
+    x, y = batch
+    eps, total = 1e-5, sum(w.numel() for w in w0)
+
+    def loss(theta: list[torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(net, dict(zip(names, theta, strict=True)), (x,)), y)
+
+    def gq(alpha: torch.Tensor) -> torch.Tensor:
+        theta = [w * alpha[i] for i, w in enumerate(w0)]
+        g, vjp = torch.func.vjp(torch.func.grad(loss), theta)
+        (hg,) = vjp(g)
+        gf, hf = torch.cat([t.reshape(-1) for t in g]), torch.cat([t.reshape(-1) for t in hg])
+        e = torch.where(gf.detach() >= 0, eps, -eps)
+        return ((hf + e) / (gf + e)).abs().sum() / total
+
+    step = torch.func.grad(gq)
+    alpha = torch.ones(len(w0))
+    ref = step(alpha)
+    train = TrainStep(model, batch)
+    eager = _median_seconds(lambda: step(alpha), iters)
+    t0 = time.perf_counter()
+    compiled = torch.compile(step)
+    out = compiled(alpha)
+    compile_s = time.perf_counter() - t0
+    rounds = []
+    for _ in range(3):
+        t = _median_seconds(train.step, 3 * iters)
+        rounds.append(_median_seconds(lambda: compiled(alpha), iters) / t)
+    t = _median_seconds(train.step, 3 * iters)
+    return {
+        "compile_seconds": compile_s,
+        "compiled_in_train_steps": _range(rounds),
+        "eager_torch_func_in_train_steps": eager / t,
+        "max_abs_diff_vs_eager": float((out - ref).abs().max()),
+        "max_abs_eager": float(ref.abs().max()),
+        "break_even_steps_vs_library_step": None,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few rounds, seconds (used by the tests)")
@@ -170,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of MetaInit's step (minutes)")
     args = ap.parse_args(argv)
     repeats, iters, phase_steps = (2, 2, 2) if args.quick else (args.repeats, args.iters, 20)
     model, data, batch, info = build()
@@ -201,6 +251,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"MetaInit {m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f}) train steps; "
             f"NIO {n['median']:.2f} ({n['min']:.2f}-{n['max']:.2f})",
             flush=True,
+        )
+    if args.compile:
+        torch.set_num_threads(args.threads[0])
+        c = compiled_metainit(model, batch, iters)
+        lib = result["threads"][str(args.threads[0])]
+        saved = (
+            lib["seconds"]["metainit"]["median"]
+            - c["compiled_in_train_steps"]["median"] * (lib["seconds"]["train_step"]["median"])
+        )
+        c["break_even_steps_vs_library_step"] = c["compile_seconds"] / saved if saved > 0 else None
+        result["torch_compile_metainit"] = c
+        print(
+            f"torch.compile MetaInit step: {c['compiled_in_train_steps']['median']:.2f} train steps after "
+            f"{c['compile_seconds']:.0f} s of compilation "
+            f"(break-even after {c['break_even_steps_vs_library_step']} steps)"
         )
     os.makedirs(args.out, exist_ok=True)
     name = "small_cost_quick.json" if args.quick else "small_cost.json"
