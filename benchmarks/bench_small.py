@@ -15,7 +15,9 @@ its gradient and Hessian-vector product, the backward through both, the norm upd
 the defaults, whose per-iteration ``seconds`` records are read (as in ``bench_nio.py``;
 sub-batch forwards, gradients, B-GC/B-GN, scale gradient, scale update; the one-time plan
 excluded). Per round the ratio of medians; reported as median and range over rounds, for
-wall-clock time. A per-phase breakdown of both methods' iterations follows (MetaInit:
+wall-clock time; and, as a check robust to a busy shared machine, the same ratios in process
+CPU time (NIO here timed on ``NIOStepper``, the same loop body; at 2 threads CPU time adds both
+threads). A per-phase breakdown of both methods' iterations follows (MetaInit:
 ``MetaInitRun.step``'s clock; NIO: ``NIO.iteration``'s clock plus the update).
 
     python benchmarks/bench_small.py [--quick] [--threads 1 2] [--repeats 7] [--iters 10] [--out DIR]
@@ -77,12 +79,12 @@ def nio_seconds(model: nn.Module, data: Any, iters: int) -> list[float]:
     return [h["seconds"] for h in res.history]
 
 
-def _median_seconds(fn: Callable[[], Any], n: int) -> float:
+def _median_seconds(fn: Callable[[], Any], n: int, clock: Callable[[], float] = time.perf_counter) -> float:
     ts = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return statistics.median(ts)
 
 
@@ -94,21 +96,33 @@ def measure(model: nn.Module, data: Any, batch: Any, repeats: int, iters: int) -
     """Interleaved rounds of training steps, MetaInit and NIO iterations."""
     train = TrainStep(model, batch)
     meta = Stepper(copy.deepcopy(model), batch)
+    nio = NIOStepper(model, batch)
     try:
         for _ in range(3):  # warm-up
             train.step()
             meta.step()
+            nio.step()
         nio_seconds(model, data, 2)
         rounds: dict[str, list[float]] = {"train_step": [], "metainit": [], "nio": []}
+        cpu: dict[str, list[float]] = {"train_step": [], "metainit": [], "nio": []}
         for _ in range(repeats):
             rounds["train_step"].append(_median_seconds(train.step, 3 * iters))
             rounds["metainit"].append(_median_seconds(meta.step, iters))
             rounds["nio"].append(statistics.median(nio_seconds(model, data, iters)))
+            for k, fn in (("train_step", train.step), ("metainit", meta.step), ("nio", nio.step)):
+                cpu[k].append(_median_seconds(fn, 3 * iters if k == "train_step" else iters, time.process_time))
     finally:
         meta.close()
-    out: dict[str, Any] = {"seconds": {k: _range(v) for k, v in rounds.items()}, "per_round_seconds": rounds}
+        nio.close()
+    out: dict[str, Any] = {
+        "seconds": {k: _range(v) for k, v in rounds.items()},
+        "per_round_seconds": rounds,
+        "cpu_seconds": {k: _range(v) for k, v in cpu.items()},
+        "per_round_cpu_seconds": cpu,
+    }
     for k in ("metainit", "nio"):
         out[f"{k}_in_train_steps"] = _range([a / b for a, b in zip(rounds[k], rounds["train_step"], strict=True)])
+        out[f"{k}_in_train_steps_cpu"] = _range([a / b for a, b in zip(cpu[k], cpu["train_step"], strict=True)])
     return out
 
 
@@ -137,30 +151,48 @@ def metainit_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, An
         st.close()
 
 
-def nio_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, Any]:
-    """Phases of the loop body of ``NIO.search`` (the same calls, with a clock)."""
-    net = copy.deepcopy(model)
-    method = NIO()
-    cfg = method.config
-    with search_mode(net, cfg.mode):
-        space = method.make_space(net)
-        ev = Evaluator(net, space, Task())
-        alpha = space.ones()
+class NIOStepper:
+    """NIO iterations at the defaults: the loop body of ``NIO.search`` (``NIO.iteration`` with
+    the same plan and engine choice, then the scale update) on one batch, with a clock."""
+
+    def __init__(self, model: nn.Module, batch: Any) -> None:
+        self.net = copy.deepcopy(model)
+        self.method = method = NIO()
+        cfg = method.config
+        self._mode = search_mode(self.net, cfg.mode)
+        self._mode.__enter__()
+        space = method.make_space(self.net)
+        self.ev = ev = Evaluator(self.net, space, Task())
+        self.alpha = space.ones()
         lo, hi = space.bounds()
-        opt = RescaleAdam(lo, hi, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, clip=cfg.clip)
-        plan = build_plan(ev, batch, verify_scaling=True) if cfg.accelerate else GramPlan.plain(ev)
-        fused = cfg.accelerate and method.fused_ok(ev, batch, plan)
-        clocks = []
-        for t in range(steps + 1):
-            clock: list[tuple[str, float]] = [("t0", time.perf_counter())]
-            grad, rec = method.iteration(
-                ev, alpha, batch, plan, clock=lambda p, c=clock: c.append((p, time.perf_counter())), fused=fused
-            )
-            opt.step(alpha, grad, kind=rec["branch"])
+        self.opt = RescaleAdam(lo, hi, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, clip=cfg.clip)
+        self.plan = build_plan(ev, batch, verify_scaling=True) if cfg.accelerate else GramPlan.plain(ev)
+        self.fused = cfg.accelerate and method.fused_ok(ev, batch, self.plan)
+        self.batch = batch
+
+    def step(self, clock: list[tuple[str, float]] | None = None) -> None:
+        tick = None if clock is None else (lambda p: clock.append((p, time.perf_counter())))
+        grad, rec = self.method.iteration(self.ev, self.alpha, self.batch, self.plan, tick, fused=self.fused)
+        self.opt.step(self.alpha, grad, kind=rec["branch"])
+        if clock is not None:
             clock.append(("update", time.perf_counter()))
-            if t:
-                clocks.append(clock)
-    return _phases(clocks, NIO_PHASES)
+
+    def close(self) -> None:
+        self._mode.__exit__(None, None, None)
+
+
+def nio_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, Any]:
+    st = NIOStepper(model, batch)
+    try:
+        st.step()
+        clocks = []
+        for _ in range(steps):
+            clock: list[tuple[str, float]] = [("t0", time.perf_counter())]
+            st.step(clock)
+            clocks.append(clock)
+        return {**_phases(clocks, NIO_PHASES), "engine": "fused" if st.fused else "per sub-batch"}
+    finally:
+        st.close()
 
 
 def compiled_metainit(model: nn.Module, batch: Any, iters: int) -> dict[str, Any]:
@@ -244,12 +276,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "metainit": metainit_breakdown(model, batch, phase_steps),
             "nio": nio_breakdown(model, batch, phase_steps),
         }
+        entry["loadavg_after"] = list(os.getloadavg())
         result["threads"][str(threads)] = entry
         m, n = entry["metainit_in_train_steps"], entry["nio_in_train_steps"]
+        mc, nc = entry["metainit_in_train_steps_cpu"], entry["nio_in_train_steps_cpu"]
         print(
             f"{threads} thread(s): train step {1e3 * entry['seconds']['train_step']['median']:.3f} ms; "
             f"MetaInit {m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f}) train steps; "
-            f"NIO {n['median']:.2f} ({n['min']:.2f}-{n['max']:.2f})",
+            f"NIO {n['median']:.2f} ({n['min']:.2f}-{n['max']:.2f}); CPU time: MetaInit {mc['median']:.2f} "
+            f"({mc['min']:.2f}-{mc['max']:.2f}), NIO {nc['median']:.2f} ({nc['min']:.2f}-{nc['max']:.2f})",
             flush=True,
         )
     if args.compile:

@@ -27,13 +27,21 @@ def test_bench_small_quick(tmp_path):
     assert r["config"]["batch_size"] == 64 and "mlp" in r["config"]["model"]
     assert set(r["threads"]) == {"1", "2"}
     for entry in r["threads"].values():
-        assert set(entry["per_round_seconds"]) == {"train_step", "metainit", "nio"}
-        for k in ("metainit_in_train_steps", "nio_in_train_steps"):
+        assert (
+            set(entry["per_round_seconds"]) == set(entry["per_round_cpu_seconds"]) == {"train_step", "metainit", "nio"}
+        )
+        for k in (
+            "metainit_in_train_steps",
+            "nio_in_train_steps",
+            "metainit_in_train_steps_cpu",
+            "nio_in_train_steps_cpu",
+        ):
             s = entry[k]
             assert {"median", "min", "max", "n"} <= set(s) and s["n"] == r["config"]["repeats"]
             assert 0 < s["min"] <= s["median"] <= s["max"]
         meta, nio = entry["breakdown"]["metainit"], entry["breakdown"]["nio"]
         assert set(meta["fraction"]) == {"draw", "forward", "gradient", "hvp", "quotient", "backward", "update"}
         assert set(nio["fraction"]) == {"forward", "gradients", "gram", "backward", "update"}
+        assert nio["engine"] == "fused"  # the demo MLP treats examples independently
         for b in (meta, nio):
             assert abs(sum(b["fraction"].values()) - 1) < 1e-9
