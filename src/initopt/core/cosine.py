@@ -84,6 +84,8 @@ __all__ = [
 
 # largest intermediate tensor (elements) the sample engine builds at once
 _BUDGET = 1 << 25
+# sub-batch engine: accelerated biases inside the layer, scaled by alpha_b / alpha_W
+_FOLD_BIASES = True
 
 
 # ---- GC and GN from a Gram matrix --------------------------------------------------------
@@ -139,6 +141,22 @@ class _StackGram(torch.autograd.Function):
         (m,) = ctx.saved_tensors
         d = (s + s.T).to(m.dtype) @ m
         return tuple(x.view(ctx.shape) for x in d.unbind(0))
+
+
+class _RowGram(torch.autograd.Function):
+    """:math:`M M^\\top` of a D x P matrix, with backward :math:`(S + S^\\top) M` (one product
+    instead of autograd's two)."""
+
+    @staticmethod
+    def forward(ctx: Any, m: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(m)
+        return m @ m.T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, s: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (m,) = ctx.saved_tensors
+        return (s + s.T).to(m.dtype) @ m
 
 
 def gram_of(grads: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -589,7 +607,7 @@ def subbatch_gram(
     acc_b = {ly.bias: ly.weight for ly in plan.layers if ly.bias is not None}
     # accelerated biases enter as (alpha_b / alpha_W) b0 inside the layer, whose output the
     # hook multiplies by alpha_W (possible where every accelerated weight's scale is non-zero)
-    folded = bool(plan.layers) and bool((a.detach()[sorted(acc_w)] != 0).all())
+    folded = _FOLD_BIASES and bool(plan.layers) and bool((a.detach()[sorted(acc_w)] != 0).all())
     cols = a.unbind(0) if folded else None
     tensors = []
     for i, w0 in enumerate(space.initial):
@@ -731,10 +749,11 @@ def _fused_gram(
         clock("gradients")
     gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
     with torch.set_grad_enabled(create_graph):
-        gram = _assemble(gram, per_layer, bias_sums, [], [], space)
+        if per_layer:
+            gram = _assemble(gram, per_layer, bias_sums, [], [], space)
         if rows:
-            m = torch.cat(rows, dim=1)
-            gram = gram + (m @ m.T).to(gram.dtype)
+            dense = _RowGram.apply(torch.cat(rows, dim=1)).to(gram.dtype)
+            gram = gram + dense if per_layer else dense
     if clock is not None:
         clock("gram")
     return gram, (stacked if create_graph else stacked.detach()).to(gram.dtype)
