@@ -20,7 +20,12 @@ CPU time (NIO here timed on ``NIOStepper``, the same loop body; at 2 threads CPU
 threads). A per-phase breakdown of both methods' iterations follows (MetaInit:
 ``MetaInitRun.step``'s clock; NIO: ``NIO.iteration``'s clock plus the update).
 
-    python benchmarks/bench_small.py [--quick] [--threads 1 2] [--repeats 7] [--iters 10] [--out DIR]
+    python benchmarks/bench_small.py [--quick] [--threads 1 2] [--repeats 7] [--iters 10] [--compile] [--vgg11]
+        [--out DIR]
+
+``--compile`` adds ``torch.compile`` of a ``torch.func`` MetaInit step (compile time and the
+break-even number of steps); ``--vgg11`` adds NIO's engines on VGG-11 (``bench_nio.py`` claim 2,
+D = 2), fused or per sub-batch, plain autograd with or without Euler's identity.
 
 Writes ``small_cost.json`` (``small_cost_quick.json`` with ``--quick``).
 """
@@ -244,6 +249,61 @@ def compiled_metainit(model: nn.Module, batch: Any, iters: int) -> dict[str, Any
     }
 
 
+VGG_VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
+    # name: (fused engine allowed, NIO config)
+    "accelerated_fused": (True, {}),
+    "accelerated_per_sub_batch": (False, {}),
+    "plain_euler": (True, {"accelerate": False}),
+    "plain_euler_every_layer": (True, {"accelerate": False, "projected_min_macs": 0}),
+    "plain_autograd": (True, {"accelerate": False, "projected_grads": False}),
+}
+
+
+def nio_vgg11(repeats: int, iters: int, batch_size: int = 64, d: int = 2) -> dict[str, Any]:
+    """One NIO iteration on VGG-11 without BatchNorm (``bench_nio.py`` claim 2: batch 64 of
+    3x32x32, D = 2) in training steps, per engine: the accelerated engine fused (one forward for
+    both sub-batches) or per sub-batch, and plain autograd with the outer backward by Euler's
+    identity (``projected_grads``, default size threshold or every layer) or without (the
+    former plain path). Interleaved rounds; per round the median of ``iters`` iterations."""
+    from common import make_batches, time_train_steps
+
+    from initopt import zoo
+    from initopt.methods import nio as nio_module
+
+    torch.manual_seed(0)
+    model = zoo.vgg11(batchnorm=False)
+    batches = make_batches((3, 32, 32), batch_size)
+    fused_ok = nio_module.NIO.fused_ok
+
+    def run(fused: bool, cfg: dict[str, Any]) -> tuple[float, str]:
+        nio_module.NIO.fused_ok = fused_ok if fused else (lambda *a, **k: False)  # type: ignore[method-assign]
+        try:
+            res = initopt.initialize_(
+                copy.deepcopy(model), batches, "nio", steps=iters, num_splits=d, guard=False, progress=False, **cfg
+            )
+        finally:
+            nio_module.NIO.fused_ok = fused_ok  # type: ignore[method-assign]
+        return statistics.median(h["seconds"] for h in res.history), res.info.get("engine", "")
+
+    time_train_steps(copy.deepcopy(model), batches, 2)
+    ratios: dict[str, list[float]] = {k: [] for k in VGG_VARIANTS}
+    engines: dict[str, str] = {}
+    train: list[float] = []
+    for _ in range(repeats):
+        t = statistics.median(time_train_steps(copy.deepcopy(model), batches, 3))
+        train.append(t)
+        for k, (fused, cfg) in VGG_VARIANTS.items():
+            sec, engines[k] = run(fused, cfg)
+            ratios[k].append(sec / t)
+    return {
+        "config": {"model": "zoo.vgg11(batchnorm=False)", "batch_size": batch_size, "num_splits": d, "iters": iters},
+        "train_step_seconds": _range(train),
+        "in_train_steps": {k: _range(v) for k, v in ratios.items()},
+        "engine": engines,
+        "per_round_in_train_steps": ratios,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few rounds, seconds (used by the tests)")
@@ -252,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of MetaInit's step (minutes)")
+    ap.add_argument("--vgg11", action="store_true", help="also NIO engines on VGG-11, D=2, at threads[0] (minutes)")
     args = ap.parse_args(argv)
     repeats, iters, phase_steps = (2, 2, 2) if args.quick else (args.repeats, args.iters, 20)
     model, data, batch, info = build()
@@ -301,6 +362,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"torch.compile MetaInit step: {c['compiled_in_train_steps']['median']:.2f} train steps after "
             f"{c['compile_seconds']:.0f} s of compilation "
             f"(break-even after {c['break_even_steps_vs_library_step']} steps)"
+        )
+    if args.vgg11:
+        torch.set_num_threads(args.threads[0])
+        v = nio_vgg11(2 if args.quick else 3, 1 if args.quick else 2)
+        result["nio_vgg11_d2"] = v
+        print(
+            "VGG-11 NIO (D=2) in train steps: "
+            + ", ".join(f"{k} {r['median']:.2f}" for k, r in v["in_train_steps"].items())
         )
     os.makedirs(args.out, exist_ok=True)
     name = "small_cost_quick.json" if args.quick else "small_cost.json"
