@@ -7,6 +7,15 @@ most 6 SGD training steps and one NIO iteration at most 4, at 1 thread (2 thread
 too). On a model this small fixed per-iteration overhead (Python, autograd nodes, small
 kernels) weighs more than on VGG-11.
 
+Result on the shared 2-core machine (results/small_before_after.json, alternating processes of
+the code before and after issue 13's changes, 21 rounds each, wall-clock medians): MetaInit 17.8
+-> 10.1 training steps at 1 thread (12.2 -> 8.8 at 2), NIO 22.1 -> 5.3 (14.4 -> 3.7). The NIO
+target is met at 2 threads only and MetaInit's is not: after the overhead cuts MetaInit's step
+is bound by its ~240 small matrix products (about 8x a training step's 32) and autograd's
+per-node cost; ``torch.compile`` of a ``torch.func`` version reaches about 4-5.6 training steps
+but compiles for 9-95 s (break-even after more than 1000 steps; MetaInit's default is 500), so
+it is not used. ``small_cost.json`` records this script's own run (same code, busier machine).
+
 Method: one process; per thread count, ``--repeats`` interleaved rounds of (a) ``3 * iters``
 SGD training steps (zero_grad, forward, cross-entropy, backward, ``SGD.step``), (b)
 ``iters`` MetaInit iterations at the defaults (``MetaInitRun.step``: noise batch, GQ with
