@@ -210,7 +210,8 @@ def conv_flops(model: nn.Module, batch: Any) -> dict[str, float]:
         fwd = count(lambda: net(batch[0]))
     train = TrainStep(model, batch)
     out = {"train_step": count(train.step) / fwd}
-    for name, cfg in (("metainit", {}), ("metainit_plain", {"projected_grads": False})):
+    # every layer projected (also below the default size threshold): what Euler's identity removes
+    for name, cfg in (("metainit", {"projected_min_macs": 0}), ("metainit_plain", {"projected_grads": False})):
         st = Stepper(copy.deepcopy(model), batch, **cfg)
         try:
             out[name] = count(st.step) / fwd

@@ -113,7 +113,7 @@ def test_projected_scale_gradients_equal_plain_autograd_on_a_cnn(gamma, branch, 
     step = TrainStep.from_spec((torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}), space) if with_optimizer else None
     out = {}
     for projected in (False, True):
-        gi = GradInit(gamma=gamma, eta=0.3, projected_grads=projected)
+        gi = GradInit(gamma=gamma, eta=0.3, projected_grads=projected, projected_min_macs=0)
         out[projected], rec = gi.iteration(ev, space, alpha0, S, S2, step)
         assert rec["branch"] == branch
     torch.testing.assert_close(out[True], out[False], rtol=1e-10, atol=1e-13)

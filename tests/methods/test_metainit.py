@@ -46,7 +46,7 @@ def test_norm_gradient_equals_finite_differences(projected):
     ev = Evaluator(model, space, Task())
     batch = _img_batch(1)
     alpha = torch.tensor([1.1, 0.9, 0.8, 1.2, 1.05, 0.95], dtype=torch.float64)
-    mi = MetaInit(projected_grads=projected)
+    mi = MetaInit(projected_grads=projected, projected_min_macs=0)
     blocks = mi.tuned(space)
     assert blocks == [0, 2, 4]
     d_alpha, gq, _ = mi.objective(ev, space, alpha, batch, blocks)
@@ -79,11 +79,29 @@ def test_projected_and_plain_scale_gradients_agree_on_a_tied_model():
     space = ScaleSpace(model)
     ev = Evaluator(model, space, Task())
     with initopt.core.search_mode(model, "eval"):
-        a, _, _ = MetaInit(variant="adam").objective(ev, space, space.ones(), batch, list(range(len(space))))
+        a, _, _ = MetaInit(variant="adam", projected_min_macs=0).objective(
+            ev, space, space.ones(), batch, list(range(len(space)))
+        )
         b, _, _ = MetaInit(variant="adam", projected_grads=False).objective(
             ev, space, space.ones(), batch, list(range(len(space)))
         )
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_size_threshold_mixes_projected_and_plain_layers_exactly():
+    """With ``projected_min_macs`` between the layers' sizes some layers are projected and some
+    are not; the scale gradient equals plain autograd's either way (float64)."""
+    torch.manual_seed(0)
+    model = _tiny_cnn()
+    space = ScaleSpace(model)
+    ev = Evaluator(model, space, Task())
+    batch = _img_batch(3)
+    alpha = torch.tensor([1.1, 0.9, 0.8, 1.2, 1.05, 0.95], dtype=torch.float64)
+    blocks = MetaInit().tuned(space)
+    ref, _, _ = MetaInit(projected_grads=False).objective(ev, space, alpha, batch, blocks)
+    for min_macs in (0, 2000, 10**12):
+        d, _, _ = MetaInit(projected_min_macs=min_macs).objective(ev, space, alpha, batch, blocks)
+        torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-13)
 
 
 # ---- one loop, written out by hand -------------------------------------------------------

@@ -116,6 +116,121 @@ def test_iteration_scale_gradient_equals_finite_differences(target, gamma, branc
     torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("branch", ["objective", "constraint"])
+def test_euler_scale_gradient_equals_plain_autograd_and_finite_differences(conv, branch):
+    """projected_grads (Euler's identity through the not-accelerated conv/linear tensors) gives
+    the scale gradient of plain autograd, and central differences, in float64."""
+    from initopt.core.cosine import build_plan
+
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(8, 3)
+        ).double()
+        g = torch.Generator().manual_seed(3)
+        S = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    else:
+        model, S = _tiny(), _batch(1)
+    space = ScaleSpace(model)
+    ev = Evaluator(model, space, Task())
+    gamma = 1e9 if branch == "objective" else 1e-9
+    alpha0 = torch.linspace(0.7, 1.3, len(space), dtype=torch.float64)
+    grads = {}
+    with search_mode(model):
+        plans = {"plain": None, "accelerated": build_plan(ev, S, max_examples=None)}
+        for key, projected, min_macs in (("euler", True, 0), ("autograd", False, 0), ("gated", True, 10**12)):
+            for pname, plan in plans.items():
+                nio = NIO(num_splits=4, gamma=gamma, mu=0.7, projected_grads=projected, projected_min_macs=min_macs)
+                grads[key, pname], rec = nio.iteration(ev, alpha0, S, plan)
+                assert rec["branch"] == branch
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads["autograd", "plain"], rtol=1e-9, atol=1e-12)
+    w0 = [p.detach() for p in model.parameters()]
+
+    def J(alpha):
+        params = [(w * a).requires_grad_() for w, a in zip(w0, alpha, strict=True)]
+        gs = []
+        for x, y in split_batch(S, 4):
+            out = torch.func.functional_call(
+                model, dict(zip([n for n, _ in model.named_parameters()], params, strict=True)), (x,)
+            )
+            g = torch.autograd.grad(F.cross_entropy(out, y), params)
+            gs.append(torch.cat([t.reshape(-1) for t in g]))
+        G = torch.stack(gs)
+        gram = G @ G.T
+        n = gram.diagonal().sqrt()
+        cos = gram / (n[:, None] * n[None, :] + 1e-8)
+        gc = (cos.sum() - cos.diagonal().sum()) / 12
+        return float(n.mean()) if branch == "constraint" else float(-gc - 0.7 * n.mean())
+
+    h = 1e-6
+    eye = torch.eye(len(space), dtype=torch.float64)
+    fd = torch.tensor([(J(alpha0 + h * e) - J(alpha0 - h * e)) / (2 * h) for e in eye], dtype=torch.float64)
+    torch.testing.assert_close(grads["euler", "plain"], fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [8, 10])  # equal sub-batches (batched dense path) and unequal (per-part slices)
+def test_fused_engine_scale_gradient_equals_finite_differences(n):
+    """One forward for all sub-batches (NIO.fused_ok holds for a model without BatchNorm): the
+    scale gradient equals central differences of B-GC/B-GN recomputed per sub-batch by autograd."""
+    from initopt.core.cosine import build_plan
+
+    model = _tiny()
+    space = ScaleSpace(model)
+    ev = Evaluator(model, space, Task())
+    nio = NIO(num_splits=4, gamma=1e9, mu=0.7)
+    S = _batch(1, n)
+    alpha0 = torch.tensor([1.3, 0.7, 0.9, 1.1], dtype=torch.float64)
+    with search_mode(model):
+        plan = build_plan(ev, S, max_examples=None)
+        assert not plan.fallback and nio.fused_ok(ev, S, plan)
+        grad, rec = nio.iteration(ev, alpha0, S, plan, fused=True)
+        slow, rec_slow = nio.iteration(ev, alpha0, S, plan)
+    torch.testing.assert_close(grad, slow, rtol=1e-10, atol=1e-13)
+    assert rec["gc"] == pytest.approx(rec_slow["gc"], rel=1e-12)
+    w0 = [p.detach() for p in model.parameters()]
+
+    def J(alpha):
+        params = [(w * a).requires_grad_() for w, a in zip(w0, alpha, strict=True)]
+        gc, gn = _explicit(params, _mlp_forward, split_batch(S, 4))
+        return float(-gc - 0.7 * gn)
+
+    h = 1e-6
+    fd = torch.stack(
+        [
+            torch.tensor((J(alpha0 + h * e) - J(alpha0 - h * e)) / (2 * h), dtype=torch.float64)
+            for e in torch.eye(4, dtype=torch.float64)
+        ]
+    )
+    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_fused_engine_matches_on_a_cnn_and_is_refused_with_batchnorm():
+    from initopt.core.cosine import build_plan
+
+    g = torch.Generator().manual_seed(0)
+    for batchnorm, expected in ((False, True), (True, False)):
+        torch.manual_seed(0)
+        model = zoo.cnn(channels=(3, 4), batchnorm=batchnorm).double()
+        S = (torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g))
+        space = ScaleSpace(model)
+        ev = Evaluator(model, space, Task())
+        nio = NIO(num_splits=2)
+        with search_mode(model):
+            plan = build_plan(ev, S, max_examples=None)
+            assert nio.fused_ok(ev, S, plan) is expected
+            if expected:
+                alpha = torch.linspace(0.8, 1.2, len(space), dtype=torch.float64)
+                fast, _ = nio.iteration(ev, alpha, S, plan, fused=True)
+                slow, _ = nio.iteration(ev, alpha, S, plan)
+                torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-13)
+    res = initopt.initialize_(
+        zoo.mlp(depth=2, width=8, in_features=5).double(), [_batch(2)], "nio", steps=2, guard=False
+    )
+    assert res.info["engine"] == "fused"
+
+
 # ---- one loop, re-computed by hand ------------------------------------------------------
 
 

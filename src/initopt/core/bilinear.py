@@ -282,6 +282,11 @@ class ProjectedWeightGrads:
     Args:
         weights: tensors (usually the leaves a search evaluates the model at).
         directions: optional tensors aligned with ``weights`` (``None`` entries: Euler).
+        min_macs: operations with fewer multiply-adds than this (batch x output positions x
+            weight size / groups, estimated from the input's shape) keep the plain autograd
+            path: on small layers the Python-level algebra costs more than the
+            weight-gradient kernels it saves (the caller measures where; 0: every operation
+            on a registered weight is projected).
 
     Example:
         >>> lin = torch.nn.Linear(3, 2)
@@ -296,9 +301,14 @@ class ProjectedWeightGrads:
     """
 
     def __init__(
-        self, weights: Iterable[torch.Tensor], directions: Sequence[torch.Tensor | None] | None = None
+        self,
+        weights: Iterable[torch.Tensor],
+        directions: Sequence[torch.Tensor | None] | None = None,
+        *,
+        min_macs: int = 0,
     ) -> None:
         weights = list(weights)
+        self.min_macs = int(min_macs)
         self._weights = {id(w): w for w in weights}
         self._euler = {
             k: torch.zeros((), dtype=w.dtype, device=w.device, requires_grad=True) for k, w in self._weights.items()
@@ -311,6 +321,7 @@ class ProjectedWeightGrads:
                         raise ValueError(f"direction of shape {tuple(d.shape)} for a weight of shape {tuple(w.shape)}")
                     self._directions[id(w)] = d.detach()
         self.projecting_now = False
+        self.projected_calls = 0  # operations run through the algebra so far
 
     def is_weight(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and self._weights.get(id(t)) is t
@@ -348,10 +359,27 @@ class ProjectedWeightGrads:
         operations outside the algebra and :math:`E_j` the Euler scalar's gradient
         (:math:`\\langle\\nabla_{t_j}J, t_j\\rangle` from the algebra's operations).
         """
-        tensors = list(tensors)
+        return self.scale_gradient_with(output, tensors, initial, scales, ())[0]
+
+    def scale_gradient_with(
+        self,
+        output: torch.Tensor,
+        tensors: Sequence[torch.Tensor],
+        initial: Sequence[torch.Tensor],
+        scales: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """:meth:`scale_gradient` and, in the same backward pass, the plain gradients of
+        ``output`` with respect to ``inputs`` (``None`` where it does not reach them), for
+        objectives that depend on the scales also by other paths (e.g. NIO's output-scaled
+        layers)."""
+        tensors, inputs = list(tensors), list(inputs)
         eulers = [self._euler[id(t)] for t in tensors if self.is_weight(t)]
         with self.projecting():
-            grads = torch.autograd.grad(output, [*tensors, *eulers], allow_unused=True)
+            grads = torch.autograd.grad(output, [*inputs, *tensors, *eulers], allow_unused=True)
+        extra, grads = tuple(grads[: len(inputs)]), grads[len(inputs) :]
+        if not tensors:
+            return scales.new_zeros(0), extra
         direct = self.contract(grads[: len(tensors)], initial)
         it = iter(grads[len(tensors) :])
         zero = torch.zeros((), dtype=direct.dtype, device=direct.device)
@@ -366,7 +394,7 @@ class ProjectedWeightGrads:
             [self.is_weight(t) and id(t) in self._directions for t in tensors], device=s.device, dtype=torch.bool
         )
         s = torch.where(by_direction | (s == 0), ones, s)
-        return direct + torch.where(e == 0, zero, e / s)
+        return direct + torch.where(e == 0, zero, e / s), extra
 
     def _call(self, func: Any, args: tuple, kwargs: dict) -> Any:
         x = _arg(args, kwargs, 0, "input", None)
@@ -379,12 +407,20 @@ class ProjectedWeightGrads:
         if func is F.linear:
             if x.ndim < 1 or w.ndim != 2:
                 return NotImplemented
+            if self.min_macs and (x.numel() // max(1, x.shape[-1])) * w.numel() < self.min_macs:
+                return NotImplemented
             k: Any = _Linear()
         else:
             nd = _CONVS[func]
             padding = _arg(args, kwargs, 4, "padding", 0)
             if isinstance(padding, str) or x.ndim != nd + 2 or w.ndim != nd + 2:
                 return NotImplemented  # 'same'/'valid' strings and unbatched inputs: plain path
+            if self.min_macs:
+                stride = _arg(args, kwargs, 3, "stride", 1)
+                steps = math.prod(stride) if isinstance(stride, (tuple, list)) else int(stride) ** nd
+                positions = x.shape[0] * math.prod(x.shape[2:]) // max(1, steps)
+                if positions * w.numel() < self.min_macs:
+                    return NotImplemented
             k = _Conv(
                 nd,
                 _arg(args, kwargs, 3, "stride", 1),
@@ -395,6 +431,7 @@ class ProjectedWeightGrads:
         e = self._euler[id(w)]
         if id(w) in self._directions and not _direction_pays(k, w):
             e = None  # the weight-gradient kernel is the cheaper one here: an exact gradient to w
+        self.projected_calls += 1
         y = _Fwd.apply(x, w, e, k, self)
         return y if b is None else k.bias(y, b)
 

@@ -60,6 +60,7 @@ node outside the layer's recorded calls.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,7 +73,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
-from initopt.core.batches import Batch, batch_size, check_loss, split_batch
+from initopt.core.batches import Batch, batch_size, check_loss, concat_batches, split_batch
+from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.functional import Evaluator
 from initopt.errors import LossError, ModelError
 
@@ -88,6 +90,8 @@ __all__ = [
 
 # largest intermediate tensor (elements) the sample engine builds at once
 _BUDGET = 1 << 25
+# sub-batch engine: accelerated biases inside the layer, scaled by alpha_b / alpha_W
+_FOLD_BIASES = True
 
 
 # ---- GC and GN from a Gram matrix --------------------------------------------------------
@@ -143,6 +147,22 @@ class _StackGram(torch.autograd.Function):
         (m,) = ctx.saved_tensors
         d = (s + s.T).to(m.dtype) @ m
         return tuple(x.view(ctx.shape) for x in d.unbind(0))
+
+
+class _RowGram(torch.autograd.Function):
+    """:math:`M M^\\top` of a D x P matrix, with backward :math:`(S + S^\\top) M` (one product
+    instead of autograd's two)."""
+
+    @staticmethod
+    def forward(ctx: Any, m: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(m)
+        return m @ m.T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, s: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (m,) = ctx.saved_tensors
+        return (s + s.T).to(m.dtype) @ m
 
 
 def gram_of(grads: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -329,17 +349,29 @@ class _Recorder:
     zero bias).
     """
 
-    def __init__(self, layers: Sequence[_Layer], ev: Evaluator, alpha: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[_Layer],
+        ev: Evaluator,
+        alpha: torch.Tensor | None = None,
+        folded: Sequence[torch.Tensor] | None = None,
+    ) -> None:
         self.layers = layers
         self.ev = ev
         self.alpha = alpha
+        # folded: the scales as 0-d tensors (one unbind of alpha, fewer graph nodes than one
+        # index per layer); the layers run with bias (alpha_b / alpha_W) b0, so the output
+        # scale alone gives alpha_W (W0 x) + alpha_b b0
+        self._cols = folded
         self.groups: list[list[tuple[_Layer, torch.Tensor, int, Any]]] = []
 
     def _hook(self, layer: _Layer) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> Any:
             x = args[0] if args else kwargs["input"]
             z = out
-            if self.alpha is not None:
+            if self._cols is not None:
+                z = out * self._cols[layer.weight].to(out.dtype)
+            elif self.alpha is not None:
                 a = self.alpha
                 z = out * a[layer.weight].to(out.dtype)
                 if layer.bias is not None:
@@ -538,6 +570,10 @@ def subbatch_gram(
     *,
     plan: GramPlan | None = None,
     create_graph: bool = False,
+    fused: bool = False,
+    projector: ProjectedWeightGrads | None = None,
+    fallback_leaves: Sequence[torch.Tensor] | None = None,
+    clock: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the gradients of D groups, :math:`G_k = \\nabla_\\theta L(\\text{part}_k)`,
     at :math:`\\theta = \\alpha \\odot W^0`.
@@ -546,12 +582,31 @@ def subbatch_gram(
     backward per part. With ``create_graph`` the result is differentiable with respect to
     ``alpha`` (pass ``alpha`` with ``requires_grad=True``); this is NIO's objective.
 
+    ``fused=True`` (for models that treat the examples of a batch independently, and plans
+    that accelerate every block): one forward of the concatenated parts and one backward of
+    :math:`\\sum_k L_k`, the loss of part k computed from its rows of the output; the output
+    gradient of a row then comes from its own part's loss only, so each accelerated layer's
+    group gradients are its per-row terms summed by part. The same Gram matrix (to round-off)
+    with a D-th of the forwards and backwards; :meth:`NIO.fused_ok
+    <initopt.methods.nio.NIO.fused_ok>` checks a model against the per-part engine before
+    using it.
+
     Args:
         ev: evaluator of the model (mode set by the caller's :func:`search_mode`).
         alpha: scales, one per block.
         parts: the D groups (e.g. :func:`~initopt.core.split_batch` of a batch).
         plan: from :func:`build_plan`; ``None`` accelerates nothing.
         create_graph: keep the graph for a derivative of the result.
+        fused: one forward and backward for all parts (see above).
+        projector, fallback_leaves: for a scale gradient by Euler's identity
+            (:mod:`initopt.core.bilinear`): the blocks not accelerated by ``plan`` are evaluated
+            at ``fallback_leaves[i]`` (detached leaves :math:`\\alpha_i W^0_i`, registered with
+            ``projector``) instead of :math:`\\alpha_i W^0_i` on the graph of ``alpha``, and the
+            forwards run under ``projector.intercept()``. The Gram matrix is the same; its
+            derivative with respect to those blocks' scales is then
+            ``projector.scale_gradient_with`` (NIO's outer backward), with respect to the
+            accelerated ones the gradient to ``alpha``.
+        clock: called with ``"forward"``, ``"gradients"`` and ``"gram"`` after each phase.
 
     Returns:
         ``(gram, losses)``: the D x D Gram matrix and the D group losses.
@@ -560,22 +615,32 @@ def subbatch_gram(
     plan = GramPlan.plain(ev) if plan is None else plan
     a = alpha if alpha.requires_grad else alpha.detach().requires_grad_(True)
     acc_w = {ly.weight for ly in plan.layers}
-    acc_b = {ly.bias for ly in plan.layers if ly.bias is not None}
+    acc_b = {ly.bias: ly.weight for ly in plan.layers if ly.bias is not None}
+    # accelerated biases enter as (alpha_b / alpha_W) b0 inside the layer, whose output the
+    # hook multiplies by alpha_W (possible where every accelerated weight's scale is non-zero)
+    folded = _FOLD_BIASES and bool(plan.layers) and bool((a.detach()[sorted(acc_w)] != 0).all())
+    cols = a.unbind(0) if folded else None
     tensors = []
     for i, w0 in enumerate(space.initial):
         if i in acc_w:
             tensors.append(w0)
         elif i in acc_b:
-            tensors.append(torch.zeros_like(w0))
+            tensors.append(w0 * (cols[i] / cols[acc_b[i]]).to(w0.dtype) if cols else torch.zeros_like(w0))
+        elif fallback_leaves is not None:
+            tensors.append(fallback_leaves[i])
         else:
             tensors.append(w0 * a[i].to(w0.dtype))
     rest = list(plan.fallback)
-    rec = _Recorder(plan.layers, ev, alpha=a)
+    rec = _Recorder(plan.layers, ev, alpha=a, folded=cols)
+    if fused:
+        return _fused_gram(ev, a, tensors, parts, plan, rec, create_graph, clock)
     losses = []
-    with rec.active():
+    with rec.active(), projector.intercept() if projector is not None else contextlib.nullcontext():
         for k, part in enumerate(parts):
             rec.new_group()
             losses.append(ev.loss(tensors, part, where=f"sub-batch {k}"))
+    if clock is not None:
+        clock("forward")
     d = len(parts)
     fallback_grads: list[list[torch.Tensor]] = []
     per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
@@ -602,10 +667,107 @@ def subbatch_gram(
             if ly.bias is not None:
                 sums = bias_sums.setdefault(id(ly), [0] * d)
                 sums[k] = sums[k] + ly.bgrad(dz)
+    if clock is not None:
+        clock("gradients")
     gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
     with torch.set_grad_enabled(create_graph):
         gram = _assemble(gram, per_layer, bias_sums, fallback_grads, rest, space)
+    if clock is not None:
+        clock("gram")
     return gram, torch.stack([loss.detach() if not create_graph else loss for loss in losses]).to(gram.dtype)
+
+
+def _fused_gram(
+    ev: Evaluator,
+    a: torch.Tensor,
+    tensors: list[torch.Tensor],
+    parts: Sequence[Batch],
+    plan: GramPlan,
+    rec: _Recorder,
+    create_graph: bool,
+    clock: Callable[[str], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`subbatch_gram` with ``fused=True``: one forward and one backward for all parts."""
+    if plan.fallback:
+        raise ValueError("the fused sub-batch engine needs a plan that accelerates every block")
+    space = ev.space
+    sizes = [batch_size(p) for p in parts]
+    with rec.active():
+        rec.new_group()
+        out = ev.output(tensors, concat_batches(list(parts)))
+    if not (isinstance(out, torch.Tensor) and out.ndim > 0 and out.shape[0] == sum(sizes)):
+        raise ValueError("the fused sub-batch engine needs a model output tensor with one row per example")
+    y = parts[0][1] if isinstance(parts[0], (tuple, list)) and len(parts[0]) >= 2 else None
+    if (
+        ev.task.loss_fn is None
+        and len(set(sizes)) == 1
+        and out.ndim == 2
+        and isinstance(y, torch.Tensor)
+        and y.ndim == 1
+        and not y.is_floating_point()
+        and all(bool((p[1] >= 0).all()) for p in parts)
+    ):
+        # the default loss, F.cross_entropy (mean) of each part: one call over all rows
+        targets = torch.cat([p[1] for p in parts])
+        per = F.cross_entropy(out, targets, reduction="none").reshape(len(parts), sizes[0]).mean(1)
+        losses = list(per.unbind(0))
+        stacked = per
+    else:
+        losses = [
+            check_loss(ev.task.loss(rows, part), f"sub-batch {k}")
+            for k, (rows, part) in enumerate(zip(torch.split(out, sizes), parts, strict=True))
+        ]
+        stacked = torch.stack(losses)
+    if not torch._C._are_functorch_transforms_active() and not bool(torch.isfinite(stacked.detach()).all()):
+        raise LossError(f"the sub-batch losses are {stacked.detach().tolist()}: non-finite")
+    if clock is not None:
+        clock("forward")
+    records = rec.groups[0]
+    _untracked_error(records)
+    total = stacked.sum()
+    dzs = torch.autograd.grad(total, [r[3] for r in records], create_graph=create_graph, allow_unused=True)
+    d = len(parts)
+    per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
+    bias_sums: dict[int, list[Any]] = {}
+    rows: list[torch.Tensor] = []  # (D, size) group gradients of dense layers, concatenated below
+    equal = len(set(sizes)) == 1
+    calls: dict[int, int] = {}
+    for r in records:
+        calls[id(r[0])] = calls.get(id(r[0]), 0) + 1
+    for (ly, x, version, _), dz in zip(records, dzs, strict=True):
+        if x._version != version:
+            raise ModelError(
+                f"the input of layer {ly.name!r} was changed in place after the layer ran; "
+                "the gradient engine cannot use it (pass accelerate=False)"
+            )
+        if dz is None:
+            continue
+        if not ly.conv and equal and x.ndim == 2 and calls[id(ly)] == 1:
+            # a dense layer called once on vectors: all D group gradients by one batched product
+            dzg, xg = dz.reshape(d, sizes[0], -1), x.to(dz.dtype).reshape(d, sizes[0], -1)
+            rows.append(torch.bmm(dzg.transpose(1, 2), xg).reshape(d, -1))
+            if ly.bias is not None:
+                rows.append(dzg.sum(1))
+            continue
+        _, groups, flat = per_layer.setdefault(id(ly), (ly, [], []))
+        sums = bias_sums.setdefault(id(ly), [0] * d) if ly.bias is not None else None
+        for k, (xk, dzk) in enumerate(zip(torch.split(x, sizes), torch.split(dz, sizes), strict=True)):
+            groups.append(k)
+            flat += [xk, dzk]
+            if sums is not None:
+                sums[k] = sums[k] + ly.bgrad(dzk)
+    if clock is not None:
+        clock("gradients")
+    gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
+    with torch.set_grad_enabled(create_graph):
+        if per_layer:
+            gram = _assemble(gram, per_layer, bias_sums, [], [], space)
+        if rows:
+            dense = _RowGram.apply(torch.cat(rows, dim=1)).to(gram.dtype)
+            gram = gram + dense if per_layer else dense
+    if clock is not None:
+        clock("gram")
+    return gram, (stacked if create_graph else stacked.detach()).to(gram.dtype)
 
 
 def _assemble(

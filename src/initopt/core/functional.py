@@ -51,12 +51,16 @@ class NoDropout(TorchFunctionMode):
     call dropout internally are handled by their dropout argument.)
     """
 
+    intercepted = False  # set once a dropout function was called under this mode
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func in DROPOUT_FUNCTIONS:
+            self.intercepted = True
             return args[0] if args else kwargs["input"]
         position = _DROPOUT_ARG.get(func)
         if position is not None:
+            self.intercepted = True
             if len(args) > position:
                 args = (*args[:position], 0.0, *args[position + 1 :])
             else:
@@ -126,6 +130,42 @@ class _Caller(nn.Module):
         return self._task.forward(self.m, batch)
 
 
+class _Swap:
+    """Puts tensors into a module's parameter and buffer slots for one call and restores them,
+    as :func:`torch.func.functional_call` does, with the slots looked up once (``None`` when a
+    name is not a plain parameter or buffer slot: the caller then uses ``functional_call``)."""
+
+    def __init__(self, root: nn.Module, names: list[str]) -> None:
+        slots = []
+        for name in names:
+            owner_name, _, attr = name.rpartition(".")
+            try:
+                owner = root.get_submodule(owner_name)
+            except AttributeError:
+                self.slots = None
+                return
+            if attr in owner._parameters:
+                slots.append((owner._parameters, attr))
+            elif attr in owner._buffers:
+                slots.append((owner._buffers, attr))
+            else:
+                self.slots = None
+                return
+        self.slots: list[tuple[dict[str, Any], str]] | None = slots
+
+    @contextlib.contextmanager
+    def __call__(self, tensors: list[torch.Tensor]) -> Iterator[None]:
+        assert self.slots is not None
+        saved = [d[k] for d, k in self.slots]
+        try:
+            for (d, k), t in zip(self.slots, tensors, strict=True):
+                d[k] = t
+            yield
+        finally:
+            for (d, k), t in zip(self.slots, saved, strict=True):
+                d[k] = t
+
+
 class Evaluator:
     """Loss of the model at arbitrary values of its trainable tensors.
 
@@ -140,6 +180,9 @@ class Evaluator:
         self.space = space
         self.task = task
         self._caller = _Caller(model, task)
+        self._swap_key: tuple[str, ...] | None = None
+        self._swap: Any = None
+        self._dropout_seen: dict[bool, bool] = {}
         self.fresh_buffers()
 
     def fresh_buffers(self) -> None:
@@ -159,15 +202,45 @@ class Evaluator:
                 self._buffers["m." + n] = p.detach().float()
 
     def output(self, tensors: list[torch.Tensor], batch: Batch) -> Any:
-        """Model output with the blocks' tensors replaced by ``tensors``."""
+        """Model output with the blocks' tensors replaced by ``tensors``.
+
+        Equivalent to :func:`torch.func.functional_call` of the model on the blocks' tensors
+        and the buffer copies. Where every name is a plain parameter or buffer slot of the
+        module tree, the slots are swapped directly (looked up once; restored on exit, also
+        on exceptions), which saves ``functional_call``'s per-call traversal of the module
+        tree. Inside :func:`search_mode` dropout is turned off by :class:`NoDropout`,
+        entered only for models whose forward calls a dropout function: the first forward
+        in each training mode runs under the mode and records whether one was called.
+        """
         state = {"m." + k: v for k, v in self.space.as_dict(tensors).items()}
         state.update(self._buffers)
         if self.space.upcast:
             batch = batch_to_float32(batch)
+        swap = self._swap_for(state)
         if _DROPOUT_OFF.get():
-            with NoDropout():
-                return torch.func.functional_call(self._caller, state, (batch,), strict=False)
-        return torch.func.functional_call(self._caller, state, (batch,), strict=False)
+            seen = self._dropout_seen.get(self.model.training)
+            if seen is None:
+                mode = NoDropout()
+                with mode:
+                    out = self._call(swap, state, batch)
+                self._dropout_seen[self.model.training] = mode.intercepted
+                return out
+            if seen:
+                with NoDropout():
+                    return self._call(swap, state, batch)
+        return self._call(swap, state, batch)
+
+    def _swap_for(self, state: dict[str, torch.Tensor]) -> _Swap | None:
+        key = tuple(state)
+        if self._swap_key != key:
+            self._swap_key, self._swap = key, _Swap(self._caller, list(key))
+        return self._swap if self._swap.slots is not None else None
+
+    def _call(self, swap: _Swap | None, state: dict[str, torch.Tensor], batch: Batch) -> Any:
+        if swap is None:
+            return torch.func.functional_call(self._caller, state, (batch,), strict=False)
+        with swap(list(state.values())):
+            return self._caller(batch)
 
     def loss(self, tensors: list[torch.Tensor], batch: Batch, where: str = "a batch") -> torch.Tensor:
         """Scalar loss with the blocks' tensors replaced by ``tensors``.

@@ -30,7 +30,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["GradientTerms", "gradient_and_hvp", "gradient_quotient", "gradient_terms", "quotient_sums"]
+__all__ = [
+    "GradientTerms",
+    "gradient_and_hvp",
+    "gradient_quotient",
+    "gradient_terms",
+    "quotient_sums",
+    "quotient_total",
+]
 
 
 def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -113,6 +120,24 @@ def quotient_sums(g: Sequence[torch.Tensor], hg: Sequence[torch.Tensor], eps: fl
     if not out:
         raise ValueError("quotient_sums needs at least one tensor")
     return torch.stack(out)
+
+
+def quotient_total(g: Sequence[torch.Tensor], hg: Sequence[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+    """:math:`\\sum_i |q_i|` over all entries of all tensors (0-d): ``quotient_sums(g, hg, eps).sum()``
+    computed on the concatenated entries, a handful of operations instead of a few per tensor
+    (the same value up to the order of summation).
+
+    Example:
+        >>> g, hg = [torch.tensor([1.0, -2.0]), torch.tensor([4.0])], [torch.tensor([0.5, 1.0]), torch.tensor([2.0])]
+        >>> float(quotient_total(g, hg, eps=0.0)), float(quotient_sums(g, hg, eps=0.0).sum())
+        (1.5, 1.5)
+    """
+    if not g:
+        raise ValueError("quotient_total needs at least one tensor")
+    gf = torch.cat([x.reshape(-1) for x in g])
+    hf = torch.cat([x.reshape(-1) for x in hg]).to(gf.dtype)
+    e = torch.where(gf.detach() >= 0, gf.new_tensor(eps), gf.new_tensor(-eps))
+    return ((hf + e) / (gf + e)).abs().sum()
 
 
 def gradient_quotient(

@@ -81,6 +81,8 @@ class GradInitConfig:
             Euler's identity in the constraint step's last backward, one forward kernel with
             :math:`W^0` in the look-ahead's. Same result to float round-off; ``False``: plain
             autograd (also used for models without convolutions, where it is faster).
+        projected_min_macs: operations with fewer multiply-adds per call keep plain autograd
+            (as MetaInit's: below it the algebra's Python cost exceeds the kernels it saves).
     """
 
     target: str = "sgd"
@@ -98,9 +100,13 @@ class GradInitConfig:
     guard: bool = True
     guard_steps: int = 25
     projected_grads: bool = True
+    projected_min_macs: int = 1 << 23
 
     def __post_init__(self) -> None:
         check_guard(self, "gradinit")
+        v = self.projected_min_macs
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ConfigError(f"gradinit: projected_min_macs must be an integer >= 0, got {v!r}")
         if self.target not in ("sgd", "adam"):
             raise ConfigError(f"gradinit: target must be 'sgd' or 'adam', got {self.target!r}")
         for k in ("eta", "gamma", "lr"):
@@ -224,7 +230,7 @@ class GradInit(Method):
         eta = self.config.eta
         if directions is None or not torch.is_grad_enabled():
             return ev.loss(moved, batch) / eta, moved, None
-        pwg = ProjectedWeightGrads(moved, directions)
+        pwg = ProjectedWeightGrads(moved, directions, min_macs=self.config.projected_min_macs)
         with pwg.intercept():
             obj = ev.loss(moved, batch) / eta
         return obj, moved, pwg
@@ -249,7 +255,7 @@ class GradInit(Method):
         # cost is larger than the kernels it saves (10-layer MLP: 22-30 ms per iteration
         # against 19 ms with plain autograd)
         projected = self.config.projected_grads and any(w.dim() > 2 for w in space.initial)
-        pwg = ProjectedWeightGrads(theta) if projected else None
+        pwg = ProjectedWeightGrads(theta, min_macs=self.config.projected_min_macs) if projected else None
         with pwg.intercept() if pwg is not None else contextlib.nullcontext():
             loss = ev.loss(theta, S)
         g = _zeros_for_none(torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True), theta)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 
 from initopt.core import dist
 from initopt.core.batches import Batch, batch_size, split_batch
+from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.cosine import GramPlan, build_plan, cosine_from_gram, subbatch_gram
 from initopt.core.functional import Evaluator
 from initopt.core.optim import RescaleAdam
@@ -67,6 +69,14 @@ class NIOConfig:
         betas, adam_eps: of the scale optimizer.
         accelerate: compute Linear/Conv gradients through the hooked Gram engine (exact, faster);
             ``False``: plain autograd for every tensor.
+        projected_grads: in the derivative with respect to the scales, the tensors the engine
+            does not accelerate (all of them with ``accelerate=False``) contribute
+            :math:`\\langle\\nabla_W J, W^0\\rangle` by Euler's identity through conv/linear
+            layers, without weight-gradient kernels (:mod:`initopt.core.bilinear`, as in
+            MetaInit; same values). Accelerated layers never form weight gradients there: their
+            scale multiplies the layer output.
+        projected_min_macs: layers with fewer multiply-adds per call keep plain autograd (as
+            MetaInit's; the algebra's Python-level cost exceeds the kernels saved on small layers).
         mode: ``"train"`` (BatchNorm on batch statistics, dropout off) or ``"eval"``.
         guard: keep the scales only if copies trained from them for ``guard_steps`` real
             optimizer steps reach a lower held-out loss than copies trained from the start
@@ -88,6 +98,8 @@ class NIOConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     accelerate: bool = True
+    projected_grads: bool = True
+    projected_min_macs: int = 1 << 23
     mode: str = "train"
     guard: bool = True
     guard_steps: int = 25
@@ -121,6 +133,9 @@ class NIOConfig:
             raise ConfigError(f"nio: betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.adam_eps > 0:
             raise ConfigError(f"nio: adam_eps must be > 0, got {self.adam_eps!r}")
+        v = self.projected_min_macs
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ConfigError(f"nio: projected_min_macs must be an integer >= 0, got {v!r}")
         if self.mode not in ("train", "eval"):
             raise ConfigError(f"nio: mode must be 'train' or 'eval', got {self.mode!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -161,6 +176,36 @@ class NIO(Method):
                 "num_splits or larger batches"
             ) from e
 
+    def fused_ok(self, ev: Evaluator, batch: Batch, plan: GramPlan) -> bool:
+        """Whether the fused engine (``subbatch_gram(..., fused=True)``: one forward and backward
+        for all D sub-batches) reproduces the per-sub-batch engine on ``batch``.
+
+        It needs a plan that accelerates every block, a model output tensor with one row per
+        example, and a model that treats examples independently (not BatchNorm on batch
+        statistics). Checked once, numerically, at scales away from 1: the two Gram matrices and
+        losses must agree to 1e-4 relative (1e-9 in float64); on any mismatch or error the
+        search keeps one forward per sub-batch.
+        """
+        if plan.fallback or not plan.layers:
+            return False
+        space = ev.space
+        g = torch.Generator(device="cpu").manual_seed(4321)
+        alpha = (0.7 + 0.6 * torch.rand(len(space.blocks), generator=g, dtype=torch.float64)).to(
+            space.device, space.dtype
+        )
+        parts = self.parts(batch)
+        try:
+            fast = subbatch_gram(ev, alpha, parts, plan=plan, fused=True)
+        except (InitOptError, ValueError, RuntimeError, TypeError):
+            return False
+        slow = subbatch_gram(ev, alpha, parts, plan=plan)
+        tol = 1e-9 if space.dtype == torch.float64 else 1e-4
+        for x, y in zip(fast, slow, strict=True):
+            x, y = x.detach().double(), y.detach().double()
+            if not bool(torch.linalg.vector_norm(x - y) <= tol * torch.linalg.vector_norm(y) + 1e-30):
+                return False
+        return True
+
     def objective(self, gc: torch.Tensor, gn: torch.Tensor, branch: str) -> torch.Tensor:
         """B-GN (constraint) or :math:`-\\text{B-GC} - \\mu\\,\\text{B-GN}` / :math:`-\\text{B-GC}`."""
         if branch == "constraint":
@@ -170,12 +215,39 @@ class NIO(Method):
         return -gc - self.config.mu * gn
 
     def iteration(
-        self, ev: Evaluator, alpha: torch.Tensor, batch: Batch, plan: GramPlan | None = None
+        self,
+        ev: Evaluator,
+        alpha: torch.Tensor,
+        batch: Batch,
+        plan: GramPlan | None = None,
+        clock: Callable[[str], None] | None = None,
+        *,
+        fused: bool = False,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One NIO iteration at ``alpha``: the scale gradient and a record (branch, gc, gn, loss)."""
+        """One NIO iteration at ``alpha``: the scale gradient and a record (branch, gc, gn, loss).
+
+        ``clock``, if given, is called with ``"forward"``, ``"gradients"``, ``"gram"`` and
+        ``"backward"`` after each phase (for timing breakdowns); ``fused``: one forward for all
+        sub-batches (only where :meth:`fused_ok`)."""
         cfg = self.config
+        space = ev.space
         a = alpha.detach().clone().requires_grad_(True)
-        gram, losses = subbatch_gram(ev, a, self.parts(batch), plan=plan, create_graph=True)
+        rest = list(range(len(space.blocks))) if plan is None else list(plan.fallback)
+        pwg, theta = None, None
+        if cfg.projected_grads and rest and not fused:
+            theta = space.leaves(alpha)
+            pwg = ProjectedWeightGrads([theta[i] for i in rest], min_macs=cfg.projected_min_macs)
+        gram, losses = subbatch_gram(
+            ev,
+            a,
+            self.parts(batch),
+            plan=plan,
+            create_graph=True,
+            fused=fused,
+            projector=pwg,
+            fallback_leaves=theta,
+            clock=clock,
+        )
         gc, norms = cosine_from_gram(gram, cfg.eps)
         gn = norms.mean()
         # distributed: the bound is on the mean over ranks, so every rank takes the same branch
@@ -186,7 +258,18 @@ class NIO(Method):
                 "lower lr or check the model and data"
             )
         branch = "constraint" if gn_v > cfg.gamma else "objective"
-        (grad,) = torch.autograd.grad(self.objective(gc, gn, branch), a)
+        obj = self.objective(gc, gn, branch)
+        if pwg is not None and theta is not None:
+            idx = torch.tensor(rest, dtype=torch.long, device=a.device)
+            d_rest, (d_a,) = pwg.scale_gradient_with(
+                obj, [theta[i] for i in rest], [space.initial[i] for i in rest], alpha.detach()[idx], [a]
+            )
+            grad = torch.zeros_like(a) if d_a is None else d_a.clone()
+            grad[idx] += d_rest.to(grad.dtype)
+        else:
+            (grad,) = torch.autograd.grad(obj, a)
+        if clock is not None:
+            clock("backward")
         return dist.all_reduce_mean(grad.detach()), {"branch": branch, "gc": gc_v, "gn": gn_v, "loss": loss_v}
 
     def measure(self, ev: Evaluator, alpha: torch.Tensor, batch: Batch, plan: GramPlan | None) -> dict[str, float]:
@@ -206,14 +289,21 @@ class NIO(Method):
         probe = S
         self.check_subbatches(ev, space.leaves(alpha), S)
         plan = build_plan(ev, S, verify_scaling=True) if cfg.accelerate else GramPlan.plain(ev)
+        fused = cfg.accelerate and self.fused_ok(ev, S, plan)
         before = self.measure(ev, alpha, probe, plan)
         history: list[dict[str, Any]] = []
         for t in range(steps):
             t0 = time.perf_counter()
-            grad, rec = self.iteration(ev, alpha, S, plan)
+            grad, rec = self.iteration(ev, alpha, S, plan, fused=fused)
             opt.step(alpha, grad, kind=rec["branch"])
             history.append({"step": t, **rec, "seconds": time.perf_counter() - t0})
             progress.update(branch=rec["branch"][:3], gc=f"{rec['gc']:.3f}", gn=f"{rec['gn']:.3g}")
             S = problem.next_batch()
         after = self.measure(ev, alpha, probe, plan)
-        return Outcome(alpha=alpha, history=history, before=before, after=after)
+        return Outcome(
+            alpha=alpha,
+            history=history,
+            before=before,
+            after=after,
+            info={"engine": "fused" if fused else "per sub-batch"},
+        )
