@@ -101,6 +101,46 @@ def vs_reference() -> str:
     return "\n".join([head, "", *_md_table(cols, rows), "", *notes])
 
 
+def small_cost() -> str:
+    """MetaInit and NIO iterations on the demo's MLP (``benchmarks/bench_small.py``)."""
+    d = _load("small_cost.json")
+    if d is None:
+        return "_no results yet: run `python benchmarks/bench_small.py`_"
+    rows = []
+    for t, e in d["threads"].items():
+        ms = 1e3 * e["seconds"]["train_step"]["median"]
+        rows.append(
+            [
+                t,
+                f"{ms:.2f}",
+                _range(e["metainit_in_train_steps"]),
+                _range(e["metainit_in_train_steps_cpu"]),
+                _range(e["nio_in_train_steps"]),
+                _range(e["nio_in_train_steps_cpu"]),
+            ]
+        )
+    prov = d["provenance"]
+    head = (
+        f"Claim: {d['claim']}. Iterations in SGD training steps of the same model and batch, median [range] over "
+        f"{d['config']['repeats']} interleaved rounds, wall clock and process CPU time (torch {prov['torch']}, "
+        f"revision {prov['git_revision'][:8]}, load average {prov['loadavg_at_start'][0]:.1f} at the start; "
+        "`benchmarks/results/small_cost.json`)."
+    )
+    cols = ["threads", "training step (ms)", "MetaInit (wall)", "MetaInit (CPU)", "NIO (wall)", "NIO (CPU)"]
+    lines = [head, "", *_md_table(cols, rows)]
+    c = d.get("torch_compile_metainit")
+    if c:
+        be = c.get("break_even_steps_vs_library_step")
+        lines += [
+            "",
+            f"`torch.compile` of a `torch.func` MetaInit step: {_range(c['compiled_in_train_steps'])} training steps "
+            f"after {c['compile_seconds']:.0f} s of compilation (this run; 95 s cold), break-even after "
+            + (f"{be:.0f} steps" if be else "never")
+            + " against the library's step; not used (MetaInit's default is 500 steps).",
+        ]
+    return "\n".join(lines)
+
+
 def _stat(x: dict, digits: int = 2) -> str:
     return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
 
@@ -411,6 +451,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "metainit-cost": _generic("metainit_cost.json", "bench_metainit.py"),
     "vs-reference": vs_reference,
     "nio-cost": nio_cost,
+    "small-cost": small_cost,
     "gradinit-cost": gradinit_cost,
     "hessian-cost": hessian_cost,
     "hessian-tracking": hessian_tracking,

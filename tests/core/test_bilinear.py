@@ -199,7 +199,11 @@ def test_first_order_backward_equals_autograd(name, make, shape):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
-def test_small_fan_in_forward_kernel_is_unfold_and_multiply():
+@pytest.mark.parametrize("im2col", [True, False])
+def test_small_fan_in_forward_kernel_either_way(monkeypatch, im2col):
+    """The small-fan-in forward takes the kernel timed faster (either one gives the same)."""
+    monkeypatch.setattr(bilinear._Conv, "_time_im2col", lambda self, x, w: im2col)
+    monkeypatch.setattr(bilinear, "_IM2COL_FASTER", {})
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, 3, padding=1).double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
@@ -209,7 +213,13 @@ def test_small_fan_in_forward_kernel_is_unfold_and_multiply():
         y = _call(conv, w, None, x)
     torch.testing.assert_close(y, F.conv2d(x, w, conv.bias, padding=1), rtol=1e-12, atol=1e-13)
     k = bilinear._Conv(2, 1, 1, 1, 1)
-    assert k._im2col(x, w) and not k._im2col(x, torch.zeros(5, 8, 3, 3, dtype=torch.float64))
+    assert k._im2col(x, w) is im2col and len(bilinear._IM2COL_FASTER) == 1  # timed once per shape
+    assert not k._im2col(x, torch.zeros(5, 8, 3, 3, dtype=torch.float64))  # fan-in 72: never
+
+
+def test_small_fan_in_timing_compares_both_kernels():
+    k = bilinear._Conv(2, 1, 1, 1, 1)
+    assert k._time_im2col(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)) in (True, False)
 
 
 def _direction_model():

@@ -219,3 +219,18 @@ def test_diagnostic_matches_evaluator_path_and_validates():
         initopt.gradient_quotient(model, batch, mode="inference")
     with pytest.raises(initopt.DataError):
         initopt.gradient_quotient(model, [batch, batch])
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 20])
+def test_quotient_total_per_tensor_and_concatenated_agree(monkeypatch, limit):
+    from initopt.core import quotient
+
+    monkeypatch.setattr(quotient, "CONCAT_MAX_ENTRIES", limit)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
+    hvps = [torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
+    expect = sum(
+        float(((h + 1e-5 * torch.where(x >= 0, 1.0, -1.0)) / (x + 1e-5 * torch.where(x >= 0, 1.0, -1.0))).abs().sum())
+        for x, h in zip(grads, hvps, strict=True)
+    )
+    torch.testing.assert_close(float(quotient.quotient_total(grads, hvps, 1e-5)), expect, rtol=1e-10, atol=0)

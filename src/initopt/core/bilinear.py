@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -69,9 +70,10 @@ class _Conv:
 
     def _im2col(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         """Unfold-and-multiply forward for a CPU 2-d convolution with a small fan-in (the first
-        layer of an image network), where oneDNN's kernel is several times slower (VGG-11's
-        3 -> 64 convolution at batch 64: 4 ms against 20 ms)."""
-        return (
+        layer of an image network) where it measured faster than oneDNN's kernel: for VGG-11's
+        3 -> 64 convolution oneDNN takes 3 ms at batch 32 but 27 ms at batch 64, this 3 and
+        5 ms. Timed once per shape and thread count (:func:`_faster_im2col`)."""
+        if not (
             self.nd == 2
             and self.groups == 1
             and self.dilation == [1, 1]
@@ -81,7 +83,38 @@ class _Conv:
             # under a dispatch mode (flop counting, fake tensors) the canonical operation:
             # torch.utils.flop_counter cannot count thnn_conv2d's kernel
             and _python_dispatch._get_current_dispatch_mode() is None
+        ):
+            return False
+        key = (
+            tuple(x.shape),
+            tuple(w.shape),
+            tuple(self.stride),
+            tuple(self.padding),
+            x.dtype,
+            torch.get_num_threads(),
         )
+        if key not in _IM2COL_FASTER:
+            _IM2COL_FASTER[key] = self._time_im2col(x.detach(), w.detach())
+        return _IM2COL_FASTER[key]
+
+    def _time_im2col(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        def im2col() -> Any:
+            return torch._C._nn.thnn_conv2d(x, w, w.shape[2:], None, self.stride, self.padding)
+
+        def onednn() -> Any:
+            return _aten.convolution(x, w, None, self.stride, self.padding, self.dilation, False, self.zeros, 1)
+
+        with torch.no_grad():
+            best = {}
+            for name, f in (("im2col", im2col), ("onednn", onednn)):
+                f()
+                t = []
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    f()
+                    t.append(time.perf_counter() - t0)
+                best[name] = min(t)
+        return best["im2col"] < 0.8 * best["onednn"]
 
     def both(self, gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list[bool]) -> tuple[Any, Any]:
         """Input and weight gradients in one kernel call (first-order backward passes)."""
@@ -221,6 +254,8 @@ _CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
 
+
+_IM2COL_FASTER: dict[tuple, bool] = {}  # (shapes, geometry, dtype, threads) -> im2col measured faster
 
 DIRECTION_MIN_FAN_IN = 64
 """Convolutions with fewer input channels times kernel elements per group than this (the

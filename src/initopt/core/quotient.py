@@ -122,10 +122,17 @@ def quotient_sums(g: Sequence[torch.Tensor], hg: Sequence[torch.Tensor], eps: fl
     return torch.stack(out)
 
 
+CONCAT_MAX_ENTRIES = 1 << 20
+"""Largest total size that :func:`quotient_total` concatenates (the demo's MLP has 40K entries)."""
+
+
 def quotient_total(g: Sequence[torch.Tensor], hg: Sequence[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
     """:math:`\\sum_i |q_i|` over all entries of all tensors (0-d): ``quotient_sums(g, hg, eps).sum()``
     computed on the concatenated entries, a handful of operations instead of a few per tensor
-    (the same value up to the order of summation).
+    (the same value up to the order of summation). Above :data:`CONCAT_MAX_ENTRIES` entries the
+    copies into one tensor cost more than the per-tensor operations they save, and it sums per
+    tensor (MetaInit on VGG-11, 9.2M entries: 2.26-2.29 s per step against 2.46-2.69 s
+    concatenated, at 1 thread).
 
     Example:
         >>> g, hg = [torch.tensor([1.0, -2.0]), torch.tensor([4.0])], [torch.tensor([0.5, 1.0]), torch.tensor([2.0])]
@@ -134,6 +141,8 @@ def quotient_total(g: Sequence[torch.Tensor], hg: Sequence[torch.Tensor], eps: f
     """
     if not g:
         raise ValueError("quotient_total needs at least one tensor")
+    if sum(x.numel() for x in g) > CONCAT_MAX_ENTRIES:
+        return quotient_sums(g, hg, eps).sum()
     gf = torch.cat([x.reshape(-1) for x in g])
     hf = torch.cat([x.reshape(-1) for x in hg]).to(gf.dtype)
     e = torch.where(gf.detach() >= 0, gf.new_tensor(eps), gf.new_tensor(-eps))
