@@ -315,6 +315,9 @@ def child(method: str, ref_path: str, threads: int, rounds: int, iters: int, bat
     fn = gradinit_rounds if method == "gradinit" else metainit_rounds
     res = fn(ref_path, rounds, iters, batch, quick)
     res["provenance"] = provenance(threads)
+    # PASSIVE makes idle OpenMP threads sleep: fair to other jobs, but every parallel region
+    # then pays a wake-up, which weighs on the code with more (small) operations
+    res["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
     return res
 
 
