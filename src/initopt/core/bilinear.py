@@ -392,7 +392,10 @@ class ProjectedWeightGrads:
 
         :math:`\\langle g_j, W^0_j\\rangle + E_j/\\alpha_j`, with :math:`g_j` the gradient from
         operations outside the algebra and :math:`E_j` the Euler scalar's gradient
-        (:math:`\\langle\\nabla_{t_j}J, t_j\\rangle` from the algebra's operations).
+        (:math:`\\langle\\nabla_{t_j}J, t_j\\rangle` from the algebra's operations). For a
+        weight with a direction :math:`D_j` the term is :math:`E_j` itself
+        (:math:`\\langle\\nabla_{t_j}J, D_j\\rangle`), which is the scale gradient when
+        :math:`D_j = W^0_j`, whatever :math:`t_j` is.
         """
         return self.scale_gradient_with(output, tensors, initial, scales, ())[0]
 

@@ -398,6 +398,15 @@ class _Recorder:
         self.groups.append([])
 
 
+def _check_unchanged(ly: Any, x: torch.Tensor, version: int) -> None:
+    """The layer's recorded input must not have been changed in place after the layer ran."""
+    if x._version != version:
+        raise ModelError(
+            f"the input of layer {ly.name!r} was changed in place after the layer ran; "
+            "the gradient engine cannot use it (pass accelerate=False)"
+        )
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     rtol = 1e-9 if a.dtype == torch.float64 else 1e-4
     scale = torch.linalg.vector_norm(b.double())
@@ -654,11 +663,7 @@ def subbatch_gram(
             [torch.zeros_like(tensors[i]) if g is None else g for i, g in zip(rest, grads[len(records) :], strict=True)]
         )
         for (ly, x, version, _), dz in zip(records, grads[: len(records)], strict=True):
-            if x._version != version:
-                raise ModelError(
-                    f"the input of layer {ly.name!r} was changed in place after the layer ran; "
-                    "the gradient engine cannot use it (pass accelerate=False)"
-                )
+            _check_unchanged(ly, x, version)
             if dz is None:
                 continue
             _, groups, flat = per_layer.setdefault(id(ly), (ly, [], []))
@@ -735,11 +740,7 @@ def _fused_gram(
     for r in records:
         calls[id(r[0])] = calls.get(id(r[0]), 0) + 1
     for (ly, x, version, _), dz in zip(records, dzs, strict=True):
-        if x._version != version:
-            raise ModelError(
-                f"the input of layer {ly.name!r} was changed in place after the layer ran; "
-                "the gradient engine cannot use it (pass accelerate=False)"
-            )
+        _check_unchanged(ly, x, version)
         if dz is None:
             continue
         if not ly.conv and equal and x.ndim == 2 and calls[id(ly)] == 1:
