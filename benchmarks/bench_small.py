@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from bench_metainit import PHASES as METAINIT_PHASES
 from bench_metainit import Stepper, TrainStep, environment
+from common import spread
 from torch import nn
 
 import initopt
@@ -102,10 +103,6 @@ def _median_seconds(fn: Callable[[], Any], n: int, clock: Callable[[], float] = 
     return statistics.median(ts)
 
 
-def _range(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
 def measure(model: nn.Module, data: Any, batch: Any, repeats: int, iters: int) -> dict[str, Any]:
     """Interleaved rounds of training steps, MetaInit and NIO iterations."""
     train = TrainStep(model, batch)
@@ -129,14 +126,14 @@ def measure(model: nn.Module, data: Any, batch: Any, repeats: int, iters: int) -
         meta.close()
         nio.close()
     out: dict[str, Any] = {
-        "seconds": {k: _range(v) for k, v in rounds.items()},
+        "seconds": {k: spread(v) for k, v in rounds.items()},
         "per_round_seconds": rounds,
-        "cpu_seconds": {k: _range(v) for k, v in cpu.items()},
+        "cpu_seconds": {k: spread(v) for k, v in cpu.items()},
         "per_round_cpu_seconds": cpu,
     }
     for k in ("metainit", "nio"):
-        out[f"{k}_in_train_steps"] = _range([a / b for a, b in zip(rounds[k], rounds["train_step"], strict=True)])
-        out[f"{k}_in_train_steps_cpu"] = _range([a / b for a, b in zip(cpu[k], cpu["train_step"], strict=True)])
+        out[f"{k}_in_train_steps"] = spread([a / b for a, b in zip(rounds[k], rounds["train_step"], strict=True)])
+        out[f"{k}_in_train_steps_cpu"] = spread([a / b for a, b in zip(cpu[k], cpu["train_step"], strict=True)])
     return out
 
 
@@ -151,16 +148,21 @@ def _phases(clocks: list[list[tuple[str, float]]], names: list[str]) -> dict[str
     return {"seconds": med, "fraction": {p: v / total for p, v in med.items()}}
 
 
+def _clocks(stepper: Any, steps: int) -> list[list[tuple[str, float]]]:
+    """One warm-up step, then the phase clocks of ``steps`` steps."""
+    stepper.step()
+    clocks = []
+    for _ in range(steps):
+        clock: list[tuple[str, float]] = [("t0", time.perf_counter())]
+        stepper.step(clock)
+        clocks.append(clock)
+    return clocks
+
+
 def metainit_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, Any]:
     st = Stepper(copy.deepcopy(model), batch)
     try:
-        st.step()
-        clocks = []
-        for _ in range(steps):
-            clock: list[tuple[str, float]] = [("t0", time.perf_counter())]
-            st.step(clock)
-            clocks.append(clock)
-        return _phases(clocks, METAINIT_PHASES)
+        return _phases(_clocks(st, steps), METAINIT_PHASES)
     finally:
         st.close()
 
@@ -198,13 +200,7 @@ class NIOStepper:
 def nio_breakdown(model: nn.Module, batch: Any, steps: int) -> dict[str, Any]:
     st = NIOStepper(model, batch)
     try:
-        st.step()
-        clocks = []
-        for _ in range(steps):
-            clock: list[tuple[str, float]] = [("t0", time.perf_counter())]
-            st.step(clock)
-            clocks.append(clock)
-        return {**_phases(clocks, NIO_PHASES), "engine": "fused" if st.fused else "per sub-batch"}
+        return {**_phases(_clocks(st, steps), NIO_PHASES), "engine": "fused" if st.fused else "per sub-batch"}
     finally:
         st.close()
 
@@ -250,7 +246,7 @@ def compiled_metainit(model: nn.Module, batch: Any, iters: int) -> dict[str, Any
     t = _median_seconds(train.step, 3 * iters)
     return {
         "compile_seconds": compile_s,
-        "compiled_in_train_steps": _range(rounds),
+        "compiled_in_train_steps": spread(rounds),
         "eager_torch_func_in_train_steps": eager / t,
         "max_abs_diff_vs_eager": float((out - ref).abs().max()),
         "max_abs_eager": float(ref.abs().max()),
@@ -306,8 +302,8 @@ def nio_vgg11(repeats: int, iters: int, batch_size: int = 64, d: int = 2) -> dic
             ratios[k].append(sec / t)
     return {
         "config": {"model": "zoo.vgg11(batchnorm=False)", "batch_size": batch_size, "num_splits": d, "iters": iters},
-        "train_step_seconds": _range(train),
-        "in_train_steps": {k: _range(v) for k, v in ratios.items()},
+        "train_step_seconds": spread(train),
+        "in_train_steps": {k: spread(v) for k, v in ratios.items()},
         "engine": engines,
         "per_round_in_train_steps": ratios,
     }

@@ -30,6 +30,11 @@ def summary(xs: list[float]) -> dict[str, float]:
     }
 
 
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, smallest, largest and count."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
 def provenance(threads: int) -> dict[str, Any]:
     """Versions, thread count, code revision (and whether the tree had changes), date."""
     try:

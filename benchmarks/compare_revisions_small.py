@@ -81,11 +81,9 @@ def child(root: str, threads: int, rounds: int) -> dict[str, list[float]]:
     return r
 
 
-def _summary(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from common import spread  # here, not at the top: common imports initopt, the child picks its own
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", required=True)
     ap.add_argument("--after", required=True)
@@ -117,8 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
         entry: dict[str, Any] = {"per_process": runs}
         for which, procs in runs.items():
-            entry[which] = {k: _summary([statistics.median(p[k]) for p in procs]) for k in procs[0]}
-            entry[which + "_all_rounds"] = {k: _summary([x for p in procs for x in p[k]]) for k in procs[0]}
+            entry[which] = {k: spread([statistics.median(p[k]) for p in procs]) for k in procs[0]}
+            entry[which + "_all_rounds"] = {k: spread([x for p in procs for x in p[k]]) for k in procs[0]}
         result["threads"][str(threads)] = entry
         b, a = entry["before_all_rounds"], entry["after_all_rounds"]
         print(

@@ -217,9 +217,25 @@ def test_small_fan_in_forward_kernel_either_way(monkeypatch, im2col):
     assert not k._im2col(x, torch.zeros(5, 8, 3, 3, dtype=torch.float64))  # fan-in 72: never
 
 
-def test_small_fan_in_timing_compares_both_kernels():
+@pytest.mark.parametrize("slow", ["im2col", "onednn"])
+def test_small_fan_in_timing_picks_the_faster_kernel(monkeypatch, slow):
+    """The timing decides: whichever kernel is made 20 ms slower loses."""
+    import time
+    import types
+
+    def slowed(f):
+        def g(*a, **k):
+            time.sleep(0.02)
+            return f(*a, **k)
+
+        return g
+
+    if slow == "im2col":
+        monkeypatch.setattr(torch._C._nn, "thnn_conv2d", slowed(torch._C._nn.thnn_conv2d))
+    else:
+        monkeypatch.setattr(bilinear, "_aten", types.SimpleNamespace(convolution=slowed(torch.ops.aten.convolution)))
     k = bilinear._Conv(2, 1, 1, 1, 1)
-    assert k._time_im2col(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)) in (True, False)
+    assert k._time_im2col(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)) is (slow == "onednn")
 
 
 def _direction_model():

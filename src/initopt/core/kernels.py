@@ -75,7 +75,6 @@ def _eligible(x: Any) -> bool:
         and x.shape[2] > 0
         and x.shape[3] > 0
         and x.is_contiguous()
-        and not x.is_complex()
         and type(x) is torch.Tensor
     )
 
