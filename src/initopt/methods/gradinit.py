@@ -148,6 +148,20 @@ def _zeros_for_none(grads: tuple[torch.Tensor | None, ...], like: list[torch.Ten
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
 
+def _scale_grad(
+    space: ScaleSpace,
+    alpha: torch.Tensor,
+    output: torch.Tensor,
+    tensors: list[torch.Tensor],
+    pwg: ProjectedWeightGrads | None,
+) -> torch.Tensor:
+    """:math:`\\partial J/\\partial\\alpha` for ``output`` taken at ``tensors``: through the
+    projector when there is one, else plain autograd contracted with :math:`W^0`."""
+    if pwg is not None:
+        return pwg.scale_gradient(output, tensors, space.initial, alpha).to(space.dtype)
+    return space.scale_grad(torch.autograd.grad(output, tensors, allow_unused=True))
+
+
 @register
 class GradInit(Method):
     """GradInit (Zhu et al. 2021): scales that make the first optimizer step most effective."""
@@ -272,19 +286,13 @@ class GradInit(Method):
             g2 = _zeros_for_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
             n2 = self.grad_norm(g2, p)
             rec["branch"] = "constraint"
-            if pwg is not None:  # Euler's identity in the last backward
-                return dist.all_reduce_mean(pwg.scale_gradient(n2, theta, space.initial, alpha).to(space.dtype)), rec
-            dn = torch.autograd.grad(n2, theta, allow_unused=True)
-            return dist.all_reduce_mean(space.scale_grad(dn)), rec
+            return dist.all_reduce_mean(_scale_grad(space, alpha, n2, theta, pwg)), rec  # pwg: Euler
         del loss, pwg
         directions = space.initial if projected else None
         obj, moved, pwg = self.lookahead(ev, theta, g, norm, S_tilde, step, directions)
         rec["branch"] = "objective"
         rec["lookahead_loss"] = obj.detach() * self.config.eta
-        if pwg is not None:
-            return dist.all_reduce_mean(pwg.scale_gradient(obj, moved, space.initial, alpha).to(space.dtype)), rec
-        d = torch.autograd.grad(obj, moved, allow_unused=True)
-        return dist.all_reduce_mean(space.scale_grad(d)), rec
+        return dist.all_reduce_mean(_scale_grad(space, alpha, obj, moved, pwg)), rec
 
     def measure(
         self,
