@@ -41,6 +41,8 @@ def test_bench_nio_quick(tmp_path):
         assert e["equality"]["float64"]["max_rel_diff_norms_initopt"] < 1e-10
         assert e["equality"]["float32"]["abs_diff_gc_initopt"] < 1e-5
         assert d["sample_wise_2threads"][name]["speedup_initopt_vs_loop"]["median"] > 0  # second thread count
+        floor = e["speedup_floor_vs_loop"]["median"]  # the bound any exact batched method meets
+        assert floor > 0 and f"floor pass {floor:.1f}x" in d["claim1_verdict"]["1_threads"][name]
         for t in ("1_threads", "2_threads"):  # the verdict follows the measured median
             met = d[_section(t)][name]["speedup_initopt_vs_loop"]["median"] >= 10
             assert d["claim1_verdict"][t][name].startswith("met" if met else "NOT met")
