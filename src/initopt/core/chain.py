@@ -250,12 +250,14 @@ class Chain:
         first = next(i for i, op in enumerate(self.ops) if isinstance(op, _Linear))
         g: list[torch.Tensor | None] = [None] * self.n_blocks
         deltas: list[torch.Tensor] = [delta] * len(self.ops)  # dL/d(output) of every op
+        deltas_t: dict[int, torch.Tensor] = {}  # their transposes at linear layers (one graph node each)
         outs = [*hs[1:], logits]
         for i in range(len(self.ops) - 1, first - 1, -1):
             op = self.ops[i]
             deltas[i] = delta
             if isinstance(op, _Linear):
-                g[op.weight] = delta.t() @ hs[i]
+                deltas_t[i] = delta.t()
+                g[op.weight] = deltas_t[i] @ hs[i]
                 if op.bias is not None:
                     g[op.bias] = delta.sum(0)
                 if i > first:
@@ -287,7 +289,7 @@ class Chain:
             op, delta, r_in = self.ops[i], deltas[i], rs[i]
             if isinstance(op, _Linear):
                 hw = rdelta.t() @ hs[i]
-                hg[op.weight] = hw if r_in is None else torch.addmm(hw, delta.t(), r_in)
+                hg[op.weight] = hw if r_in is None else torch.addmm(hw, deltas_t[i], r_in)
                 if op.bias is not None:
                     hg[op.bias] = rdelta.sum(0)
                 if i > first:

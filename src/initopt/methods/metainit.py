@@ -46,7 +46,11 @@ Cost of one step: one forward, the gradient with its graph, :math:`Hg` as one mo
 and the backward through all of it. With ``projected_grads=True`` (default) the last pass
 runs no weight-gradient kernel for conv/linear weights (:mod:`initopt.core.bilinear`) of at
 least ``projected_min_macs`` multiply-adds per call (smaller layers gain less than the Python-level
-algebra costs, and keep plain autograd).
+algebra costs, and keep plain autograd). A model that is a chain of linear layers and elementwise
+activations (:class:`initopt.core.chain.Chain`, none of them reaching ``projected_min_macs``) gets
+:math:`g` and :math:`Hg` as ordinary differentiable operations instead of the two nested backward
+passes: the same values up to round-off, in one autograd graph of a third of the nodes (the demo's
+10-layer MLP: 231 nodes evaluated per step instead of 726, the same 278 matrix products).
 """
 
 from __future__ import annotations
