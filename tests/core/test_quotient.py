@@ -234,3 +234,31 @@ def test_quotient_total_per_tensor_and_concatenated_agree(monkeypatch, limit):
         for x, h in zip(grads, hvps, strict=True)
     )
     torch.testing.assert_close(float(quotient.quotient_total(grads, hvps, 1e-5)), expect, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_quotient_total_derivative_equals_autograd_of_the_expression(dtype):
+    """The fused derivative of the concatenated quotient against autograd of the plain
+    expression (quotient_sums), with g = 0, g = -0.0 (s = +1 for both: a sign taken with
+    copysign would flip the derivative there), Hg + e = 0, and Hg in another dtype."""
+    from initopt.core.quotient import quotient_total
+
+    gen = torch.Generator().manual_seed(4)
+    g = [torch.randn(5, 3, generator=gen, dtype=dtype), torch.randn(4, generator=gen, dtype=dtype)]
+    h = [torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)]
+    g[0][0, 0], g[0][0, 1], g[1][2] = 0.0, -0.0, 0.0
+    h[1][2] = 0.0
+    h[0][1, 1] = -1e-5 if g[0][1, 1] >= 0 else 1e-5
+    g = [x.requires_grad_() for x in g]
+    h = [x.requires_grad_() for x in h]
+    ours = quotient_total(g, h, 1e-5)
+    expect = quotient_sums(g, [x.to(dtype) for x in h], 1e-5).sum()
+    d_ours = torch.autograd.grad(ours, [*g, *h])
+    d_expect = torch.autograd.grad(expect, [*g, *h])
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ours, expect, rtol=rtol, atol=0)
+    for a, b in zip(d_ours, d_expect, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=rtol, atol=0)
+    # at g = -0.0 the derivative in g is -|q|/eps < 0 (s = +1), as for g = +0.0
+    assert float(d_ours[0][0, 1]) < 0 and float(d_ours[0][0, 0]) < 0

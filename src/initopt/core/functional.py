@@ -25,7 +25,15 @@ from initopt.core.blocks import ScaleSpace
 from initopt.core.precision import HALF, batch_to_float32, to_float32
 from initopt.errors import LossError
 
-__all__ = ["DROPOUT_FUNCTIONS", "Evaluator", "NoDropout", "caller_handles_dropout", "evaluation", "search_mode"]
+__all__ = [
+    "DROPOUT_FUNCTIONS",
+    "Evaluator",
+    "NoDropout",
+    "caller_handles_dropout",
+    "check_finite_loss",
+    "evaluation",
+    "search_mode",
+]
 
 DROPOUT_FUNCTIONS = frozenset(
     {
@@ -166,6 +174,15 @@ class _Swap:
                 d[k] = t
 
 
+def check_finite_loss(loss: torch.Tensor, where: str) -> None:
+    """Raise :class:`~initopt.LossError` unless the scalar ``loss`` is finite."""
+    if not bool(torch.isfinite(loss.detach())):
+        raise LossError(
+            f"the loss on {where} is {float(loss.detach())}: non-finite (NaN/Inf in the data, the "
+            "model's output or the loss; or the scales reached a region where the loss overflows)"
+        )
+
+
 class Evaluator:
     """Loss of the model at arbitrary values of its trainable tensors.
 
@@ -252,11 +269,8 @@ class Evaluator:
         """
         out = self.output(tensors, batch)
         loss = check_loss(self.task.loss(out, batch), where)
-        if not torch._C._are_functorch_transforms_active() and not bool(torch.isfinite(loss.detach())):
-            raise LossError(
-                f"the loss on {where} is {float(loss.detach())}: non-finite (NaN/Inf in the data, the "
-                "model's output or the loss; or the scales reached a region where the loss overflows)"
-            )
+        if not torch._C._are_functorch_transforms_active():
+            check_finite_loss(loss, where)
         return loss
 
     def loss_fn(self, batch: Batch) -> Callable[[list[torch.Tensor]], torch.Tensor]:

@@ -25,10 +25,12 @@ constant multiplier :math:`c` on the loss while :math:`|c\\,g_i| \\gg \\epsilon`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "GradientTerms",
@@ -141,12 +143,55 @@ def quotient_total(g: Sequence[torch.Tensor], hg: Sequence[torch.Tensor], eps: f
     """
     if not g:
         raise ValueError("quotient_total needs at least one tensor")
+    if len(g) != len(hg):
+        raise ValueError(f"quotient_total needs as many Hg tensors as gradients, got {len(hg)} and {len(g)}")
     if sum(x.numel() for x in g) > CONCAT_MAX_ENTRIES:
         return quotient_sums(g, hg, eps).sum()
-    gf = torch.cat([x.reshape(-1) for x in g])
-    hf = torch.cat([x.reshape(-1) for x in hg]).to(gf.dtype)
-    e = torch.where(gf.detach() >= 0, gf.new_tensor(eps), gf.new_tensor(-eps))
-    return ((hf + e) / (gf + e)).abs().sum()
+    return _FlatQuotient.apply(float(eps), len(g), *g, *hg)
+
+
+class _FlatQuotient(torch.autograd.Function):
+    """:math:`\\sum_i |q_i|` over the concatenated entries of ``g`` and ``hg`` (given as
+    ``*g, *hg``), and its first derivative, each in a handful of whole-buffer operations.
+
+    With :math:`d_i = g_i + \\epsilon s_i` and :math:`q_i = ((Hg)_i + \\epsilon s_i)/d_i`
+    (:math:`s` constant), :math:`\\partial|q_i|/\\partial (Hg)_i = \\mathrm{sgn}(q_i)/d_i` and
+    :math:`\\partial|q_i|/\\partial g_i = -|q_i|/d_i`: autograd's rules for ``abs`` and ``div``
+    in fewer operations (on the demo's MLP, 40K entries, the autograd graph of the expression
+    spent about 0.8 ms per MetaInit step, mostly in whole-buffer temporaries). Not
+    differentiable twice (MetaInit differentiates GQ once)."""
+
+    @staticmethod
+    def forward(ctx, eps: float, n: int, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g, hg = tensors[:n], tensors[n:]
+        den = torch.cat([x.detach().reshape(-1) for x in g])
+        num = torch.cat([x.detach().reshape(-1) for x in hg]).to(den.dtype)
+        # e = eps s: +eps where g >= 0 (-0.0 included), -eps where g < 0 (sign(sign(g) + 1/2);
+        # arithmetic only: comparisons into bool tensors are several times slower on CPU)
+        e = den.sign().add_(0.5).sign_().mul_(eps)
+        q = num.add_(e).div_(den.add_(e))
+        ctx.save_for_backward(q, den)
+        ctx.shapes = [x.shape for x in tensors]
+        ctx.dtypes = [x.dtype for x in tensors]
+        return q.abs().sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        q, den = ctx.saved_tensors
+        n = len(ctx.shapes) // 2
+        scale = grad / den
+        dg = q.abs().mul_(scale).neg_()
+        dh = q.sign().mul_(scale)
+        sizes = [math.prod(s) for s in ctx.shapes[:n]]
+        out: list[torch.Tensor | None] = [None, None]
+        for flat, shapes, dtypes, needs in (
+            (dg, ctx.shapes[:n], ctx.dtypes[:n], ctx.needs_input_grad[2 : 2 + n]),
+            (dh, ctx.shapes[n:], ctx.dtypes[n:], ctx.needs_input_grad[2 + n :]),
+        ):
+            for part, shape, dtype, need in zip(flat.split(sizes), shapes, dtypes, needs, strict=True):
+                out.append(part.view(shape).to(dtype) if need else None)
+        return tuple(out)
 
 
 def gradient_quotient(

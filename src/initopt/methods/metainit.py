@@ -46,7 +46,11 @@ Cost of one step: one forward, the gradient with its graph, :math:`Hg` as one mo
 and the backward through all of it. With ``projected_grads=True`` (default) the last pass
 runs no weight-gradient kernel for conv/linear weights (:mod:`initopt.core.bilinear`) of at
 least ``projected_min_macs`` multiply-adds per call (smaller layers gain less than the Python-level
-algebra costs, and keep plain autograd).
+algebra costs, and keep plain autograd). A model that is a chain of linear layers and elementwise
+activations (:class:`initopt.core.chain.Chain`, none of them reaching ``projected_min_macs``) gets
+:math:`g` and :math:`Hg` as ordinary differentiable operations instead of the two nested backward
+passes: the same values up to round-off, in one autograd graph of a third of the nodes (the demo's
+10-layer MLP: 231 nodes evaluated per step instead of 726, the same 278 matrix products).
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ from initopt.core import dist
 from initopt.core.batches import Batch, batch_size, describe
 from initopt.core.bilinear import ProjectedWeightGrads
 from initopt.core.blocks import ScaleSpace
-from initopt.core.functional import Evaluator
+from initopt.core.chain import Chain
+from initopt.core.functional import Evaluator, check_finite_loss
 from initopt.core.optim import RescaleAdam
 from initopt.core.precision import HALF
 from initopt.core.progress import Progress
@@ -447,6 +452,25 @@ class MetaInit(Method):
         shape is fixed within a search, so the next forwards have none either)."""
         return weakref.WeakSet()
 
+    @functools.cached_property
+    def _chains(self) -> weakref.WeakKeyDictionary[Evaluator, Chain | None]:
+        """Per evaluator, its model read as a chain of linear layers (:mod:`initopt.core.chain`)."""
+        return weakref.WeakKeyDictionary()
+
+    def _chain(self, ev: Evaluator, batch: Batch) -> Chain | None:
+        """The chain that computes :math:`g` and :math:`Hg` on ``batch`` in place of nested
+        backward passes, or ``None``: the model is not a chain, the batch does not fit, or a
+        layer reaches ``projected_min_macs`` (the projected backward pays there)."""
+        if ev not in self._chains:
+            self._chains[ev] = Chain.of(ev.model, ev.space, ev.task)
+        chain = self._chains[ev]
+        if chain is None or not chain.accepts(batch):
+            return None
+        cfg = self.config
+        if cfg.projected_grads and chain.max_macs(batch) >= cfg.projected_min_macs:
+            return None
+        return chain
+
     # -- pieces ---------------------------------------------------------------------------
 
     def tuned(self, space: ScaleSpace) -> list[int]:
@@ -492,15 +516,21 @@ class MetaInit(Method):
 
         tick("start")
         theta = space.leaves(alpha)
-        # an evaluator on which no operation reached the size threshold skips the interception
-        project = self.config.projected_grads and ev not in self._unprojected
-        pwg = ProjectedWeightGrads(theta, min_macs=self.config.projected_min_macs) if project else None
-        with pwg.intercept() if pwg is not None else contextlib.nullcontext():
-            loss = ev.loss(theta, batch, where="a MetaInit batch")
-        if pwg is not None and pwg.projected_calls == 0:
-            self._unprojected.add(ev)
-        tick("forward")
-        g, hg = gradient_and_hvp(loss, theta, create_graph=True, clock=tick if clock is not None else None)
+        chain = self._chain(ev, batch)
+        pwg = None
+        if chain is not None:
+            loss, g, hg = chain.terms(theta, batch, clock=tick if clock is not None else None)
+            check_finite_loss(loss, "a MetaInit batch")
+        else:
+            # an evaluator on which no operation reached the size threshold skips the interception
+            project = self.config.projected_grads and ev not in self._unprojected
+            pwg = ProjectedWeightGrads(theta, min_macs=self.config.projected_min_macs) if project else None
+            with pwg.intercept() if pwg is not None else contextlib.nullcontext():
+                loss = ev.loss(theta, batch, where="a MetaInit batch")
+            if pwg is not None and pwg.projected_calls == 0:
+                self._unprojected.add(ev)
+            tick("forward")
+            g, hg = gradient_and_hvp(loss, theta, create_graph=True, clock=tick if clock is not None else None)
         n = sum(t.numel() for t in theta)
         gq = quotient_total(g, hg, self.config.eps) / n
         tick("quotient")
