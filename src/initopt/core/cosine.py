@@ -149,20 +149,64 @@ class _StackGram(torch.autograd.Function):
         return tuple(x.view(ctx.shape) for x in d.unbind(0))
 
 
-class _RowGram(torch.autograd.Function):
-    """:math:`M M^\\top` of a D x P matrix, with backward :math:`(S + S^\\top) M` (one product
-    instead of autograd's two)."""
+class _DenseGram(torch.autograd.Function):
+    """Gram matrix :math:`\\Gamma = M M^\\top` of the D group gradients of dense layers, each
+    called once on a ``(D * s, in)`` input whose D consecutive blocks of s rows are the groups.
+
+    Row k of M holds, layer after layer, :math:`\\delta_k^\\top x_k` (and the bias gradient
+    :math:`\\sum_r \\delta_{k,r}`), written by one batched product (and one sum) per layer, concatenated. Backward, with :math:`V = (S + S^\\top) M` cut into the same per-layer pieces
+    :math:`V^W_k, V^b_k`: :math:`\\partial/\\partial\\delta_k = x_k V^{W\\top}_k + V^b_k`
+    (on every row) and :math:`\\partial/\\partial x_k = \\delta_k V^W_k`; one autograd node for
+    all layers instead of a product, reshapes, a sum and a concatenation per layer.
+
+    Arguments: D, which layers have a bias, then ``x, δ`` of each layer.
+    """
 
     @staticmethod
-    def forward(ctx: Any, m: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(m)
+    def forward(ctx: Any, d: int, bias: tuple[bool, ...], *xs_dzs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        dtype = xs_dzs[1].dtype
+        rows = []
+        for r, b in enumerate(bias):
+            xg, dzg = _DenseGram._groups(d, xs_dzs[2 * r], xs_dzs[2 * r + 1], dtype)
+            rows.append(torch.bmm(dzg.transpose(1, 2), xg).view(d, -1))
+            if b:
+                rows.append(dzg.sum(1))
+        m = torch.cat(rows, dim=1)
+        ctx.bias = bias
+        ctx.save_for_backward(m, *xs_dzs)
         return m @ m.T
 
     @staticmethod
+    def _groups(d: int, x: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D, s, in)`` and ``(D, s, out)`` views of a layer's input and output gradient."""
+        return x.to(dtype).reshape(d, -1, x.shape[-1]), dz.to(dtype).reshape(d, -1, dz.shape[-1])
+
+    @staticmethod
     @once_differentiable
-    def backward(ctx: Any, s: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (m,) = ctx.saved_tensors
-        return (s + s.T).to(m.dtype) @ m
+    def backward(ctx: Any, s: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        m, *xs_dzs = ctx.saved_tensors
+        d = m.shape[0]
+        v = (s + s.T).to(m.dtype) @ m
+        out: list[torch.Tensor | None] = []
+        off = 0
+        for r, b in enumerate(ctx.bias):
+            x, dz = xs_dzs[2 * r], xs_dzs[2 * r + 1]
+            xg, dzg = _DenseGram._groups(d, x, dz, m.dtype)
+            o, k = dzg.shape[-1], xg.shape[-1]
+            vw = v[:, off : off + o * k].view(d, o, k)
+            off += o * k
+            vb = None
+            if b:
+                vb = v[:, off : off + o].unsqueeze(1)
+                off += o
+            gx = gdz = None
+            if ctx.needs_input_grad[2 + 2 * r]:
+                gx = torch.bmm(dzg, vw).reshape(x.shape).to(x.dtype)
+            if ctx.needs_input_grad[3 + 2 * r]:
+                wt = vw.transpose(1, 2)
+                gdz = (torch.bmm(xg, wt) if vb is None else torch.baddbmm(vb, xg, wt)).reshape(dz.shape).to(dz.dtype)
+            out += [gx, gdz]
+        return (None, None, *out)
 
 
 def gram_of(grads: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -572,6 +616,30 @@ class _WeightGram(torch.autograd.Function):
         return (None, None, None, *out)
 
 
+def _folded_biases(space: Any, a: torch.Tensor, acc_b: dict[int, int]) -> dict[int, torch.Tensor] | None:
+    """:math:`(\\alpha_b / \\alpha_W)\\, b^0` of every accelerated bias (``acc_b``: bias block ->
+    weight block), by one division of the gathered scales and one product over all the biases
+    concatenated (a few autograd nodes instead of two per layer); ``None`` when one of those
+    weights' scales is 0."""
+    if not acc_b:
+        return {}
+    ib = torch.tensor(list(acc_b), dtype=torch.long, device=a.device)
+    den = a.index_select(0, torch.tensor(list(acc_b.values()), dtype=torch.long, device=a.device))
+    if not bool((den.detach() != 0).all()):
+        return None
+    b0 = [space.initial[i] for i in acc_b]
+    sizes = [t.numel() for t in b0]
+    flat = torch.cat([t.reshape(-1) for t in b0])
+    ratio = (a.index_select(0, ib) / den).to(flat.dtype)
+    reps = torch.tensor(sizes, dtype=torch.long, device=a.device)
+    scaled = flat * ratio.repeat_interleave(reps, output_size=flat.numel())
+    pieces = scaled.split(sizes)
+    return {
+        i: (t if t.shape == t0.shape else t.view(t0.shape)).to(t0.dtype)
+        for i, t, t0 in zip(acc_b, pieces, b0, strict=True)
+    }
+
+
 def subbatch_gram(
     ev: Evaluator,
     alpha: torch.Tensor,
@@ -626,15 +694,15 @@ def subbatch_gram(
     acc_w = {ly.weight for ly in plan.layers}
     acc_b = {ly.bias: ly.weight for ly in plan.layers if ly.bias is not None}
     # accelerated biases enter as (alpha_b / alpha_W) b0 inside the layer, whose output the
-    # hook multiplies by alpha_W (possible where every accelerated weight's scale is non-zero)
-    folded = _FOLD_BIASES and bool(plan.layers) and bool((a.detach()[sorted(acc_w)] != 0).all())
-    cols = a.unbind(0) if folded else None
+    # hook multiplies by alpha_W (possible where those weights' scales are non-zero)
+    biases = _folded_biases(space, a, acc_b) if _FOLD_BIASES and plan.layers else None
+    cols = a.unbind(0) if biases is not None else None
     tensors = []
     for i, w0 in enumerate(space.initial):
         if i in acc_w:
             tensors.append(w0)
         elif i in acc_b:
-            tensors.append(w0 * (cols[i] / cols[acc_b[i]]).to(w0.dtype) if cols else torch.zeros_like(w0))
+            tensors.append(torch.zeros_like(w0) if biases is None else biases[i])
         elif fallback_leaves is not None:
             tensors.append(fallback_leaves[i])
         else:
@@ -734,7 +802,8 @@ def _fused_gram(
     d = len(parts)
     per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
     bias_sums: dict[int, list[Any]] = {}
-    rows: list[torch.Tensor] = []  # (D, size) group gradients of dense layers, concatenated below
+    dense: list[torch.Tensor] = []  # x, dz of dense layers called once on vectors (_DenseGram)
+    dense_bias: list[bool] = []
     equal = len(set(sizes)) == 1
     calls: dict[int, int] = {}
     for r in records:
@@ -745,10 +814,8 @@ def _fused_gram(
             continue
         if not ly.conv and equal and x.ndim == 2 and calls[id(ly)] == 1:
             # a dense layer called once on vectors: all D group gradients by one batched product
-            dzg, xg = dz.reshape(d, sizes[0], -1), x.to(dz.dtype).reshape(d, sizes[0], -1)
-            rows.append(torch.bmm(dzg.transpose(1, 2), xg).reshape(d, -1))
-            if ly.bias is not None:
-                rows.append(dzg.sum(1))
+            dense += [x, dz]
+            dense_bias.append(ly.bias is not None)
             continue
         _, groups, flat = per_layer.setdefault(id(ly), (ly, [], []))
         sums = bias_sums.setdefault(id(ly), [0] * d) if ly.bias is not None else None
@@ -763,9 +830,9 @@ def _fused_gram(
     with torch.set_grad_enabled(create_graph):
         if per_layer:
             gram = _assemble(gram, per_layer, bias_sums, [], [], space)
-        if rows:
-            dense = _RowGram.apply(torch.cat(rows, dim=1)).to(gram.dtype)
-            gram = gram + dense if per_layer else dense
+        if dense:
+            dg = _DenseGram.apply(d, tuple(dense_bias), *dense).to(gram.dtype)
+            gram = gram + dg if per_layer else dg
     if clock is not None:
         clock("gram")
     return gram, (stacked if create_graph else stacked.detach()).to(gram.dtype)
