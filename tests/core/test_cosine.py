@@ -466,9 +466,7 @@ def test_fused_dense_forms_equal_explicit_subbatch_gradients(monkeypatch, form):
         assert not plan.fallback
         for fused in (True, False):
             a = alpha0.clone().requires_grad_(True)
-            gram, _ = C.subbatch_gram(
-                ev, a, parts, plan=plan if fused else None, create_graph=True, fused=fused
-            )
+            gram, _ = C.subbatch_gram(ev, a, parts, plan=plan if fused else None, create_graph=True, fused=fused)
             if fused:
                 torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-12)
             gc, norms = C.cosine_from_gram(gram)

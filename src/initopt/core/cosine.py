@@ -187,9 +187,9 @@ class _DenseGram(torch.autograd.Function):
     called once on a ``(D * s, in)`` input whose D consecutive blocks of s rows are the groups.
 
     Row k of M holds, layer after layer, :math:`\\delta_k^\\top x_k` (and the bias gradient
-    :math:`\\sum_r \\delta_{k,r}`), written by one batched product (and one sum) per layer, concatenated. Backward, with :math:`V = (S + S^\\top) M` cut into the same per-layer pieces
+    :math:`\\sum_r \\delta_{k,r}`): one batched product (and one sum) per layer, concatenated.
+    Backward, with :math:`V = (S + S^\\top) M` cut into the same per-layer pieces
     :math:`V^W_k, V^b_k`: :math:`\\partial/\\partial\\delta_k = x_k V^{W\\top}_k + V^b_k`
-    (on every row) and :math:`\\partial/\\partial x_k = \\delta_k V^W_k`; one autograd node for
     all layers instead of a product, reshapes, a sum and a concatenation per layer.
 
     Arguments: D, which layers have a bias, then ``x, δ`` of each layer.
