@@ -190,6 +190,7 @@ class _DenseGram(torch.autograd.Function):
     :math:`\\sum_r \\delta_{k,r}`): one batched product (and one sum) per layer, concatenated.
     Backward, with :math:`V = (S + S^\\top) M` cut into the same per-layer pieces
     :math:`V^W_k, V^b_k`: :math:`\\partial/\\partial\\delta_k = x_k V^{W\\top}_k + V^b_k`
+    (on every row) and :math:`\\partial/\\partial x_k = \\delta_k V^W_k`; one autograd node for
     all layers instead of a product, reshapes, a sum and a concatenation per layer.
 
     Arguments: D, which layers have a bias, then ``x, δ`` of each layer.
