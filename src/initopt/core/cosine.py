@@ -94,6 +94,11 @@ _BUDGET = 1 << 25
 _FOLD_BIASES = True
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it already has that dtype (hot paths)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # ---- GC and GN from a Gram matrix --------------------------------------------------------
 
 
@@ -213,7 +218,7 @@ class _DenseGram(torch.autograd.Function):
     @staticmethod
     def _groups(d: int, x: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D, s, in)`` and ``(D, s, out)`` views of a layer's input and output gradient."""
-        return x.to(dtype).reshape(d, -1, x.shape[-1]), dz.to(dtype).reshape(d, -1, dz.shape[-1])
+        return _cast(x, dtype).reshape(d, -1, x.shape[-1]), _cast(dz, dtype).reshape(d, -1, dz.shape[-1])
 
     @staticmethod
     @once_differentiable
@@ -235,10 +240,12 @@ class _DenseGram(torch.autograd.Function):
                 off += o
             gx = gdz = None
             if ctx.needs_input_grad[2 + 2 * r]:
-                gx = torch.bmm(dzg, vw).reshape(x.shape).to(x.dtype)
+                gx = _cast(torch.bmm(dzg, vw).reshape(x.shape), x.dtype)
             if ctx.needs_input_grad[3 + 2 * r]:
                 wt = vw.transpose(1, 2)
-                gdz = (torch.bmm(xg, wt) if vb is None else torch.baddbmm(vb, xg, wt)).reshape(dz.shape).to(dz.dtype)
+                gdz = _cast(
+                    (torch.bmm(xg, wt) if vb is None else torch.baddbmm(vb, xg, wt)).reshape(dz.shape), dz.dtype
+                )
             out += [gx, gdz]
         return (None, None, *out)
 
@@ -266,7 +273,7 @@ class _PairGram(torch.autograd.Function):
         acc = None
         products = []
         for r, b in enumerate(bias):
-            x, dz = xs_dzs[2 * r].to(dtype), xs_dzs[2 * r + 1].to(dtype)
+            x, dz = _cast(xs_dzs[2 * r], dtype), _cast(xs_dzs[2 * r + 1], dtype)
             dd = dz @ dz.T
             xx = torch.addmm(one, x, x.T) if b else x @ x.T
             products += [dd, xx]
@@ -292,9 +299,9 @@ class _PairGram(torch.autograd.Function):
             dd, xx = products[2 * r], products[2 * r + 1]
             gx = gdz = None
             if ctx.needs_input_grad[2 + 2 * r]:
-                gx = ((big * dd) @ x.to(dd.dtype)).to(x.dtype)
+                gx = _cast((big * dd) @ _cast(x, dd.dtype), x.dtype)
             if ctx.needs_input_grad[3 + 2 * r]:
-                gdz = ((big * xx) @ dz.to(dd.dtype)).to(dz.dtype)
+                gdz = _cast((big * xx) @ _cast(dz, dd.dtype), dz.dtype)
             out += [gx, gdz]
         return (None, None, *out)
 
@@ -506,14 +513,14 @@ class _Recorder:
         layers: Sequence[_Layer],
         ev: Evaluator,
         alpha: torch.Tensor | None = None,
-        folded: Sequence[torch.Tensor] | None = None,
+        folded: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.layers = layers
         self.ev = ev
         self.alpha = alpha
-        # folded: the scales as 0-d tensors (one unbind of alpha, fewer graph nodes than one
-        # index per layer); the layers run with bias (alpha_b / alpha_W) b0, so the output
-        # scale alone gives alpha_W (W0 x) + alpha_b b0
+        # folded: {weight block: its scale as a 0-d tensor} (one gather and unbind of alpha,
+        # fewer graph nodes than one index per layer); the layers run with bias
+        # (alpha_b / alpha_W) b0, so the output scale alone gives alpha_W (W0 x) + alpha_b b0
         self._cols = folded
         self.groups: list[list[tuple[_Layer, torch.Tensor, int, Any]]] = []
 
@@ -522,7 +529,7 @@ class _Recorder:
             x = args[0] if args else kwargs["input"]
             z = out
             if self._cols is not None:
-                z = out * self._cols[layer.weight].to(out.dtype)
+                z = out * _cast(self._cols[layer.weight], out.dtype)
             elif self.alpha is not None:
                 a = self.alpha
                 z = out * a[layer.weight].to(out.dtype)
@@ -738,12 +745,12 @@ def _folded_biases(space: Any, a: torch.Tensor, acc_b: dict[int, int]) -> dict[i
     b0 = [space.initial[i] for i in acc_b]
     sizes = [t.numel() for t in b0]
     flat = torch.cat([t.reshape(-1) for t in b0])
-    ratio = (a.index_select(0, ib) / den).to(flat.dtype)
+    ratio = _cast(a.index_select(0, ib) / den, flat.dtype)
     reps = torch.tensor(sizes, dtype=torch.long, device=a.device)
     scaled = flat * ratio.repeat_interleave(reps, output_size=flat.numel())
     pieces = scaled.split(sizes)
     return {
-        i: (t if t.shape == t0.shape else t.view(t0.shape)).to(t0.dtype)
+        i: _cast(t if t.shape == t0.shape else t.view(t0.shape), t0.dtype)
         for i, t, t0 in zip(acc_b, pieces, b0, strict=True)
     }
 
@@ -759,6 +766,7 @@ def subbatch_gram(
     projector: ProjectedWeightGrads | None = None,
     fallback_leaves: Sequence[torch.Tensor] | None = None,
     clock: Callable[[str], None] | None = None,
+    whole: Batch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the gradients of D groups, :math:`G_k = \\nabla_\\theta L(\\text{part}_k)`,
     at :math:`\\theta = \\alpha \\odot W^0`.
@@ -792,6 +800,8 @@ def subbatch_gram(
             ``projector.scale_gradient_with`` (NIO's outer backward), with respect to the
             accelerated ones the gradient to ``alpha``.
         clock: called with ``"forward"``, ``"gradients"`` and ``"gram"`` after each phase.
+        whole: with ``fused``, the batch whose contiguous split ``parts`` is (saves
+            concatenating the parts again); ignored otherwise.
 
     Returns:
         ``(gram, losses)``: the D x D Gram matrix and the D group losses.
@@ -804,7 +814,11 @@ def subbatch_gram(
     # accelerated biases enter as (alpha_b / alpha_W) b0 inside the layer, whose output the
     # hook multiplies by alpha_W (possible where those weights' scales are non-zero)
     biases = _folded_biases(space, a, acc_b) if _FOLD_BIASES and plan.layers else None
-    cols = a.unbind(0) if biases is not None else None
+    cols = None
+    if biases is not None:
+        ws = sorted(acc_w)
+        picked = a.index_select(0, torch.tensor(ws, dtype=torch.long, device=a.device))
+        cols = dict(zip(ws, picked.unbind(0), strict=True))
     tensors = []
     for i, w0 in enumerate(space.initial):
         if i in acc_w:
@@ -818,7 +832,7 @@ def subbatch_gram(
     rest = list(plan.fallback)
     rec = _Recorder(plan.layers, ev, alpha=a, folded=cols)
     if fused:
-        return _fused_gram(ev, a, tensors, parts, plan, rec, create_graph, clock)
+        return _fused_gram(ev, a, tensors, parts, plan, rec, create_graph, clock, whole)
     losses = []
     with rec.active(), projector.intercept() if projector is not None else contextlib.nullcontext():
         for k, part in enumerate(parts):
@@ -867,18 +881,22 @@ def _fused_gram(
     rec: _Recorder,
     create_graph: bool,
     clock: Callable[[str], None] | None,
+    whole: Batch | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`subbatch_gram` with ``fused=True``: one forward and one backward for all parts."""
+    """:func:`subbatch_gram` with ``fused=True``: one forward and one backward for all parts
+    (of the batch ``whole``, their concatenation, when given)."""
     if plan.fallback:
         raise ValueError("the fused sub-batch engine needs a plan that accelerates every block")
     space = ev.space
     sizes = [batch_size(p) for p in parts]
+    if whole is None:
+        whole = concat_batches(list(parts))
     with rec.active():
         rec.new_group()
-        out = ev.output(tensors, concat_batches(list(parts)))
+        out = ev.output(tensors, whole)
     if not (isinstance(out, torch.Tensor) and out.ndim > 0 and out.shape[0] == sum(sizes)):
         raise ValueError("the fused sub-batch engine needs a model output tensor with one row per example")
-    y = parts[0][1] if isinstance(parts[0], (tuple, list)) and len(parts[0]) >= 2 else None
+    y = whole[1] if isinstance(whole, (tuple, list)) and len(whole) >= 2 else None
     if (
         ev.task.loss_fn is None
         and len(set(sizes)) == 1
@@ -886,19 +904,17 @@ def _fused_gram(
         and isinstance(y, torch.Tensor)
         and y.ndim == 1
         and not y.is_floating_point()
-        and all(bool((p[1] >= 0).all()) for p in parts)
+        and bool((y >= 0).all())
     ):
         # the default loss, F.cross_entropy (mean) of each part: one call over all rows
-        targets = torch.cat([p[1] for p in parts])
-        per = F.cross_entropy(out, targets, reduction="none").reshape(len(parts), sizes[0]).mean(1)
-        losses = list(per.unbind(0))
-        stacked = per
+        stacked = F.cross_entropy(out, y, reduction="none").reshape(len(parts), sizes[0]).mean(1)
     else:
-        losses = [
-            check_loss(ev.task.loss(rows, part), f"sub-batch {k}")
-            for k, (rows, part) in enumerate(zip(torch.split(out, sizes), parts, strict=True))
-        ]
-        stacked = torch.stack(losses)
+        stacked = torch.stack(
+            [
+                check_loss(ev.task.loss(rows, part), f"sub-batch {k}")
+                for k, (rows, part) in enumerate(zip(torch.split(out, sizes), parts, strict=True))
+            ]
+        )
     if not torch._C._are_functorch_transforms_active() and not bool(torch.isfinite(stacked.detach()).all()):
         raise LossError(f"the sub-batch losses are {stacked.detach().tolist()}: non-finite")
     if clock is not None:
@@ -943,12 +959,12 @@ def _fused_gram(
             terms.append(_assemble(gram, per_layer, bias_sums, [], [], space))
         for form, (flat, flags) in dense.items():
             fn = _PairGram if form == "gram" else _DenseGram
-            terms.append(fn.apply(d, tuple(flags), *flat).to(gram.dtype))
+            terms.append(_cast(fn.apply(d, tuple(flags), *flat), gram.dtype))
         for i, t in enumerate(terms):
             gram = t if i == 0 else gram + t
     if clock is not None:
         clock("gram")
-    return gram, (stacked if create_graph else stacked.detach()).to(gram.dtype)
+    return gram, _cast(stacked if create_graph else stacked.detach(), gram.dtype)
 
 
 def _assemble(
