@@ -440,15 +440,25 @@ def test_scale_gradient_equals_finite_differences(name):
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("form", ["gram", "explicit", None])
+@pytest.mark.parametrize("form", ["gram", "explicit", "mixed", None])
 def test_fused_dense_forms_equal_explicit_subbatch_gradients(monkeypatch, form):
     """The fused engine's two forms for dense layers (Gram over rows, explicit group
-    gradients), forced on every layer, against per-sub-batch autograd gradients at scales away
-    from 1 (a layer without bias included); the scale gradient against plain autograd."""
-    monkeypatch.setattr(C, "_DENSE_FORM", form)
+    gradients), forced on every layer or mixed in one node, against per-sub-batch autograd
+    gradients at scales away from 1 (two same-shaped layers, one without bias, stacked by the Gram
+    form); the scale gradient against plain autograd."""
+    if form == "mixed":
+        monkeypatch.setattr(C, "_dense_form", lambda n, d, o, k, form=None: "gram" if o == k else "explicit")
+    else:
+        monkeypatch.setattr(C, "_DENSE_FORM", form)
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(7, 12), nn.Tanh(), nn.Linear(12, 9, bias=False), nn.Tanh(), nn.Linear(9, 10)
+        nn.Linear(7, 9),
+        nn.Tanh(),
+        nn.Linear(9, 9, bias=False),
+        nn.Tanh(),
+        nn.Linear(9, 9),
+        nn.Tanh(),
+        nn.Linear(9, 10),
     ).double()
     batch = _cls(12, 7, seed=2)
     parts = split_batch(batch, 3)

@@ -188,126 +188,120 @@ class _StackGram(torch.autograd.Function):
 
 
 class _DenseGram(torch.autograd.Function):
-    """Gram matrix :math:`\\Gamma = M M^\\top` of the D group gradients of dense layers, each
-    called once on a ``(D * s, in)`` input whose D consecutive blocks of s rows are the groups.
+    """D x D Gram matrix of the group gradients of dense layers, each called once on a
+    ``(n, in)`` input whose D consecutive blocks of s = n / D rows are the groups; one autograd
+    node for all the layers, each by one of two exact forms (:func:`_dense_form`):
 
-    Row k of M holds, layer after layer, :math:`\\delta_k^\\top x_k` (and the bias gradient
-    :math:`\\sum_r \\delta_{k,r}`): one batched product (and one sum) per layer, concatenated.
-    Backward, with :math:`V = (S + S^\\top) M` cut into the same per-layer pieces
-    :math:`V^W_k, V^b_k`: :math:`\\partial/\\partial\\delta_k = x_k V^{W\\top}_k + V^b_k`
-    (on every row) and :math:`\\partial/\\partial x_k = \\delta_k V^W_k`; one autograd node for
-    all layers instead of a product, reshapes, a sum and a concatenation per layer.
+    * ``"gram"`` — the Gram over rows: with :math:`P = (\\Delta\\Delta^\\top) \\odot
+      (XX^\\top + [\\text{bias}])` (n x n; the 1 adds the bias gradient),
+      :math:`\\Gamma_{kl} \\mathrel{+}= \\sum_{i \\in k, j \\in l} P_{ij}`, since
+      :math:`\\langle \\sum_{i\\in k}\\delta_i x_i^\\top, \\sum_{j\\in l}\\delta_j x_j^\\top\\rangle =
+      \\sum_{i,j} (\\delta_i\\cdot\\delta_j)(x_i\\cdot x_j)`. Layers of equal shapes are stacked and
+      run as one batched product. Backward, with :math:`\\tilde S` the D x D
+      :math:`S + S^\\top` repeated over the rows of each group:
+      :math:`\\partial/\\partial\\Delta = (\\tilde S \\odot (XX^\\top + [\\text{bias}]))\\Delta`,
+      :math:`\\partial/\\partial X = (\\tilde S \\odot \\Delta\\Delta^\\top) X`.
+    * ``"explicit"`` — the group gradients: row k of M holds :math:`\\delta_k^\\top x_k` (and
+      :math:`\\sum_r \\delta_{k,r}`), one batched product per layer; :math:`\\Gamma \\mathrel{+}=
+      M M^\\top`. Backward, with :math:`V = (S + S^\\top) M` in the same per-layer pieces
+      :math:`V^W_k, V^b_k`: :math:`\\partial/\\partial\\delta_k = x_k V^{W\\top}_k + V^b_k` (on every
+      row), :math:`\\partial/\\partial x_k = \\delta_k V^W_k`.
 
-    Arguments: D, which layers have a bias, then ``x, δ`` of each layer.
+    Arguments: D, per layer ``(form, has bias)``, then ``x, δ`` of each layer.
     """
 
     @staticmethod
-    def forward(ctx: Any, d: int, bias: tuple[bool, ...], *xs_dzs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, d: int, layout: tuple[tuple[str, bool], ...], *xs_dzs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         dtype = xs_dzs[1].dtype
+        n = xs_dzs[1].shape[0]
+        xs = [_cast(x, dtype) for x in xs_dzs[0::2]]
+        dzs = [_cast(dz, dtype) for dz in xs_dzs[1::2]]
+        gram = None
+        stacks: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for idx in _DenseGram._shape_groups(layout, xs, dzs):
+            x = torch.stack([xs[r] for r in idx])  # (L, n, in)
+            dz = torch.stack([dzs[r] for r in idx])  # (L, n, out)
+            ones = torch.tensor([float(layout[r][1]) for r in idx], dtype=dtype, device=x.device)
+            dd = torch.bmm(dz, dz.transpose(1, 2))
+            xx = torch.baddbmm(ones.view(-1, 1, 1), x, x.transpose(1, 2))
+            block = (dd * xx).sum(0).view(d, n // d, d, n // d).sum(dim=(1, 3))
+            gram = block if gram is None else gram + block
+            stacks.append((idx, x, dz, dd, xx))
         rows = []
-        for r, b in enumerate(bias):
-            xg, dzg = _DenseGram._groups(d, xs_dzs[2 * r], xs_dzs[2 * r + 1], dtype)
+        for r, (form, b) in enumerate(layout):
+            if form != "explicit":
+                continue
+            xg, dzg = xs[r].reshape(d, -1, xs[r].shape[-1]), dzs[r].reshape(d, -1, dzs[r].shape[-1])
             rows.append(torch.bmm(dzg.transpose(1, 2), xg).view(d, -1))
             if b:
                 rows.append(dzg.sum(1))
-        m = torch.cat(rows, dim=1)
-        ctx.bias = bias
+        m = None
+        if rows:
+            m = torch.cat(rows, dim=1)
+            gram = m @ m.T if gram is None else gram + m @ m.T
+        ctx.layout, ctx.stacks, ctx.n = layout, stacks, n
         ctx.save_for_backward(m, *xs_dzs)
-        return m @ m.T
+        assert gram is not None
+        return gram
 
     @staticmethod
-    def _groups(d: int, x: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(D, s, in)`` and ``(D, s, out)`` views of a layer's input and output gradient."""
-        return _cast(x, dtype).reshape(d, -1, x.shape[-1]), _cast(dz, dtype).reshape(d, -1, dz.shape[-1])
+    def _shape_groups(
+        layout: tuple[tuple[str, bool], ...], xs: Sequence[torch.Tensor], dzs: Sequence[torch.Tensor]
+    ) -> list[list[int]]:
+        """The ``"gram"`` layers, grouped by (input, output) width in order of appearance."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, (form, _) in enumerate(layout):
+            if form == "gram":
+                groups.setdefault((xs[r].shape[-1], dzs[r].shape[-1]), []).append(r)
+        return list(groups.values())
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, s: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         m, *xs_dzs = ctx.saved_tensors
-        d = m.shape[0]
-        v = (s + s.T).to(m.dtype) @ m
-        out: list[torch.Tensor | None] = []
-        off = 0
-        for r, b in enumerate(ctx.bias):
-            x, dz = xs_dzs[2 * r], xs_dzs[2 * r + 1]
-            xg, dzg = _DenseGram._groups(d, x, dz, m.dtype)
-            o, k = dzg.shape[-1], xg.shape[-1]
-            vw = v[:, off : off + o * k].view(d, o, k)
-            off += o * k
-            vb = None
-            if b:
-                vb = v[:, off : off + o].unsqueeze(1)
-                off += o
-            gx = gdz = None
-            if ctx.needs_input_grad[2 + 2 * r]:
-                gx = _cast(torch.bmm(dzg, vw).reshape(x.shape), x.dtype)
-            if ctx.needs_input_grad[3 + 2 * r]:
-                wt = vw.transpose(1, 2)
-                gdz = _cast(
-                    (torch.bmm(xg, wt) if vb is None else torch.baddbmm(vb, xg, wt)).reshape(dz.shape), dz.dtype
-                )
-            out += [gx, gdz]
-        return (None, None, *out)
-
-
-class _PairGram(torch.autograd.Function):
-    """The same Gram matrix as :class:`_DenseGram` by the Gram over rows: with
-    :math:`P^\\ell = (\\Delta\\Delta^\\top) \\odot (XX^\\top + [\\text{bias}])` the n x n
-    products of a layer's output gradients and of its inputs (plus 1 for the bias),
-    :math:`\\Gamma_{kl} = \\sum_\\ell \\sum_{i \\in k, j \\in l} P^\\ell_{ij}`, as
-    :math:`\\langle \\sum_{i\\in k}\\delta_i x_i^\\top, \\sum_{j\\in l}\\delta_j x_j^\\top\\rangle =
-    \\sum_{i,j} (\\delta_i\\cdot\\delta_j)(x_i\\cdot x_j)`. Backward, with :math:`\\tilde S` the
-    D x D :math:`S + S^\\top` repeated over the rows of each group:
-    :math:`\\partial/\\partial\\Delta = (\\tilde S \\odot (XX^\\top + [\\text{bias}]))\\Delta` and
-    :math:`\\partial/\\partial X = (\\tilde S \\odot \\Delta\\Delta^\\top) X`. Square n x n products,
-    no D x (out * in) matrix: faster for small batches (:func:`_dense_form`).
-
-    Arguments as :class:`_DenseGram`.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, d: int, bias: tuple[bool, ...], *xs_dzs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        dtype = xs_dzs[1].dtype
-        n = xs_dzs[1].shape[0]
-        one = torch.ones((), dtype=dtype, device=xs_dzs[1].device).expand(n, n)
-        acc = None
-        products = []
-        for r, b in enumerate(bias):
-            x, dz = _cast(xs_dzs[2 * r], dtype), _cast(xs_dzs[2 * r + 1], dtype)
-            dd = dz @ dz.T
-            xx = torch.addmm(one, x, x.T) if b else x @ x.T
-            products += [dd, xx]
-            acc = dd * xx if acc is None else acc.addcmul_(dd, xx)
-        assert acc is not None
-        ctx.bias = bias
-        ctx.save_for_backward(*xs_dzs, *products)
-        return acc.view(d, n // d, d, n // d).sum(dim=(1, 3))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, s: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        saved = ctx.saved_tensors
-        layers = len(ctx.bias)
-        xs_dzs, products = saved[: 2 * layers], saved[2 * layers :]
-        dd0 = products[0]
-        n, d = dd0.shape[0], s.shape[0]
-        sym = (s + s.T).to(dd0.dtype)
-        big = sym[:, None, :, None].expand(d, n // d, d, n // d).reshape(n, n)
-        out: list[torch.Tensor | None] = []
-        for r in range(layers):
-            x, dz = xs_dzs[2 * r], xs_dzs[2 * r + 1]
-            dd, xx = products[2 * r], products[2 * r + 1]
-            gx = gdz = None
-            if ctx.needs_input_grad[2 + 2 * r]:
-                gx = _cast((big * dd) @ _cast(x, dd.dtype), x.dtype)
-            if ctx.needs_input_grad[3 + 2 * r]:
-                gdz = _cast((big * xx) @ _cast(dz, dd.dtype), dz.dtype)
-            out += [gx, gdz]
-        return (None, None, *out)
+        layout, n = ctx.layout, ctx.n
+        d = s.shape[0]
+        needs = ctx.needs_input_grad
+        grads: list[torch.Tensor | None] = [None] * len(xs_dzs)
+        sym = s + s.T
+        if ctx.stacks:
+            dtype = ctx.stacks[0][1].dtype
+            big = _cast(sym, dtype)[:, None, :, None].expand(d, n // d, d, n // d).reshape(n, n)
+            for idx, x, dz, dd, xx in ctx.stacks:
+                if any(needs[2 + 2 * r] for r in idx):
+                    gx = torch.bmm(big * dd, x).unbind(0)
+                    for r, g in zip(idx, gx, strict=True):
+                        grads[2 * r] = _cast(g, xs_dzs[2 * r].dtype) if needs[2 + 2 * r] else None
+                gdz = torch.bmm(big * xx, dz).unbind(0)
+                for r, g in zip(idx, gdz, strict=True):
+                    grads[2 * r + 1] = _cast(g, xs_dzs[2 * r + 1].dtype) if needs[3 + 2 * r] else None
+        if m is not None:
+            v = _cast(sym, m.dtype) @ m
+            off = 0
+            for r, (form, b) in enumerate(layout):
+                if form != "explicit":
+                    continue
+                x, dz = xs_dzs[2 * r], xs_dzs[2 * r + 1]
+                xg = _cast(x, m.dtype).reshape(d, -1, x.shape[-1])
+                dzg = _cast(dz, m.dtype).reshape(d, -1, dz.shape[-1])
+                o, k = dzg.shape[-1], xg.shape[-1]
+                vw = v[:, off : off + o * k].view(d, o, k)
+                off += o * k
+                vb = None
+                if b:
+                    vb = v[:, off : off + o].unsqueeze(1)
+                    off += o
+                if needs[2 + 2 * r]:
+                    grads[2 * r] = _cast(torch.bmm(dzg, vw).reshape(x.shape), x.dtype)
+                if needs[3 + 2 * r]:
+                    wt = vw.transpose(1, 2)
+                    gdz = torch.bmm(xg, wt) if vb is None else torch.baddbmm(vb, xg, wt)
+                    grads[2 * r + 1] = _cast(gdz.reshape(dz.shape), dz.dtype)
+        return (None, None, *grads)
 
 
 # which form the fused sub-batch engine uses for its dense layers: None picks by cost
-# (_dense_form); "explicit" (_DenseGram) or "gram" (_PairGram) force one (tests)
+# (_dense_form); "explicit" or "gram" force one (tests)
 _DENSE_FORM: str | None = None
 # the explicit form's cost weight: its products contract over the s = n / D rows of a group and
 # it writes and reads a D x (out * in) matrix per layer; measured about 1.5x slower per flop than
@@ -317,8 +311,8 @@ _EXPLICIT_WEIGHT = 1.5
 
 def _dense_form(n: int, d: int, o: int, k: int, form: str | None = None) -> str:
     """Cheaper exact form for a dense layer's D x D group Gram in the fused engine, forward
-    and backward: ``"gram"`` (:class:`_PairGram`, :math:`2 n^2 (o + k)` multiply-adds) or
-    ``"explicit"`` (:class:`_DenseGram`, :math:`3 n o k + 2 D^2 o k`, weighted by
+    and backward (:class:`_DenseGram`): ``"gram"`` (:math:`2 n^2 (o + k)` multiply-adds) or
+    ``"explicit"`` (:math:`3 n o k + 2 D^2 o k`, weighted by
     ``_EXPLICIT_WEIGHT``). n rows, D groups, o outputs, k inputs."""
     costs = {"gram": 2 * n * n * (o + k), "explicit": _EXPLICIT_WEIGHT * (3 * n * o * k + 2 * d * d * o * k)}
     return _choose_form(costs, form)
@@ -926,8 +920,9 @@ def _fused_gram(
     d = len(parts)
     per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
     bias_sums: dict[int, list[Any]] = {}
-    # x, dz and bias flags of dense layers called once on vectors, by form (_dense_form)
-    dense: dict[str, tuple[list[torch.Tensor], list[bool]]] = {}
+    # x, dz and (form, has bias) of dense layers called once on vectors: one _DenseGram
+    dense: list[torch.Tensor] = []
+    layout: list[tuple[str, bool]] = []
     equal = len(set(sizes)) == 1
     calls: dict[int, int] = {}
     for r in records:
@@ -937,11 +932,10 @@ def _fused_gram(
         if dz is None:
             continue
         if not ly.conv and equal and x.ndim == 2 and calls[id(ly)] == 1:
-            # a dense layer called once on vectors: one Gram node for all of them (per form)
+            # a dense layer called once on vectors: one Gram node for all of them
             o, k = ly.wshape[0], ly.wshape[1]
-            flat, flags = dense.setdefault(_dense_form(x.shape[0], d, o, k, _DENSE_FORM), ([], []))
-            flat += [x, dz]
-            flags.append(ly.bias is not None)
+            dense += [x, dz]
+            layout.append((_dense_form(x.shape[0], d, o, k, _DENSE_FORM), ly.bias is not None))
             continue
         _, groups, flat = per_layer.setdefault(id(ly), (ly, [], []))
         sums = bias_sums.setdefault(id(ly), [0] * d) if ly.bias is not None else None
@@ -957,9 +951,8 @@ def _fused_gram(
         terms = []
         if per_layer:
             terms.append(_assemble(gram, per_layer, bias_sums, [], [], space))
-        for form, (flat, flags) in dense.items():
-            fn = _PairGram if form == "gram" else _DenseGram
-            terms.append(_cast(fn.apply(d, tuple(flags), *flat), gram.dtype))
+        if dense:
+            terms.append(_cast(_DenseGram.apply(d, tuple(layout), *dense), gram.dtype))
         for i, t in enumerate(terms):
             gram = t if i == 0 else gram + t
     if clock is not None:
