@@ -65,6 +65,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -483,6 +484,18 @@ class GramPlan:
         skipped = {**skipped, **{ly.name: reason for ly in layers}}
         return GramPlan((), tuple(range(len(ev.space.blocks))), skipped)
 
+    @cached_property
+    def scale_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CPU index tensors of the accelerated weight blocks (sorted), of the accelerated bias
+        blocks, and of those biases' weight blocks (the gathers of :func:`subbatch_gram`;
+        built once per plan)."""
+        biased = [ly for ly in self.layers if ly.bias is not None]
+        return (
+            torch.tensor(sorted({ly.weight for ly in self.layers}), dtype=torch.long),
+            torch.tensor([ly.bias for ly in biased], dtype=torch.long),
+            torch.tensor([ly.weight for ly in biased], dtype=torch.long),
+        )
+
     def accelerated_names(self, ev: Evaluator) -> list[str]:
         """Canonical names of the accelerated blocks."""
         blocks = ev.space.blocks
@@ -725,23 +738,24 @@ class _WeightGram(torch.autograd.Function):
         return (None, None, None, *out)
 
 
-def _folded_biases(space: Any, a: torch.Tensor, acc_b: dict[int, int]) -> dict[int, torch.Tensor] | None:
+def _folded_biases(
+    space: Any, a: torch.Tensor, acc_b: dict[int, int], index: tuple[torch.Tensor, torch.Tensor]
+) -> dict[int, torch.Tensor] | None:
     """:math:`(\\alpha_b / \\alpha_W)\\, b^0` of every accelerated bias (``acc_b``: bias block ->
-    weight block), by one division of the gathered scales and one product over all the biases
-    concatenated (a few autograd nodes instead of two per layer); ``None`` when one of those
-    weights' scales is 0."""
+    weight block; ``index``: the same as two index tensors), by one division of the gathered
+    scales and one product over all the biases concatenated (a few autograd nodes instead of
+    two per layer); ``None`` when one of those weights' scales is 0."""
     if not acc_b:
         return {}
-    ib = torch.tensor(list(acc_b), dtype=torch.long, device=a.device)
-    den = a.index_select(0, torch.tensor(list(acc_b.values()), dtype=torch.long, device=a.device))
+    ib, iw = index
+    den = a.index_select(0, iw)
     if not bool((den.detach() != 0).all()):
         return None
     b0 = [space.initial[i] for i in acc_b]
     sizes = [t.numel() for t in b0]
     flat = torch.cat([t.reshape(-1) for t in b0])
     ratio = _cast(a.index_select(0, ib) / den, flat.dtype)
-    reps = torch.tensor(sizes, dtype=torch.long, device=a.device)
-    scaled = flat * ratio.repeat_interleave(reps, output_size=flat.numel())
+    scaled = flat * ratio.repeat_interleave(torch.tensor(sizes, device=a.device), output_size=flat.numel())
     pieces = scaled.split(sizes)
     return {
         i: _cast(t if t.shape == t0.shape else t.view(t0.shape), t0.dtype)
@@ -807,12 +821,12 @@ def subbatch_gram(
     acc_b = {ly.bias: ly.weight for ly in plan.layers if ly.bias is not None}
     # accelerated biases enter as (alpha_b / alpha_W) b0 inside the layer, whose output the
     # hook multiplies by alpha_W (possible where those weights' scales are non-zero)
-    biases = _folded_biases(space, a, acc_b) if _FOLD_BIASES and plan.layers else None
-    cols = None
-    if biases is not None:
-        ws = sorted(acc_w)
-        picked = a.index_select(0, torch.tensor(ws, dtype=torch.long, device=a.device))
-        cols = dict(zip(ws, picked.unbind(0), strict=True))
+    biases, cols = None, None
+    if _FOLD_BIASES and plan.layers:
+        iw_all, ib, iwb = (t.to(a.device) for t in plan.scale_index)
+        biases = _folded_biases(space, a, acc_b, (ib, iwb))
+        if biases is not None:
+            cols = dict(zip(sorted(acc_w), a.index_select(0, iw_all).unbind(0), strict=True))
     tensors = []
     for i, w0 in enumerate(space.initial):
         if i in acc_w:
