@@ -120,26 +120,24 @@ class _GramCosine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gram: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         d = gram.shape[0]
-        diag = gram.diagonal()
-        pos = diag > 0
-        norms = diag.sqrt().masked_fill_(~pos, 0)
-        den = norms[:, None] * norms[None, :] + eps
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        den = torch.outer(norms, norms).add_(eps)
         cos = gram / den
-        gc = (cos.sum() - cos.diagonal().sum()) / (d * (d - 1))
-        ctx.save_for_backward(gram, norms, den, pos)
+        gc = (cos.sum() - cos.diagonal().sum()).div_(d * (d - 1))
+        ctx.save_for_backward(gram, norms, den)
         return gc, norms
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_gc: torch.Tensor, g_norms: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        gram, norms, den, pos = ctx.saved_tensors
+        gram, norms, den = ctx.saved_tensors
         d = gram.shape[0]
         w = (g_gc / (d * (d - 1))) / den
         w.fill_diagonal_(0)
         q = w * gram / den
         dn = g_norms - (q + q.T) @ norms
         dg = w
-        dg.diagonal().add_((dn / (2 * norms)).masked_fill_(~pos, 0))
+        dg.diagonal().add_((dn / (2 * norms)).masked_fill_(norms == 0, 0))
         return dg, None
 
 
