@@ -43,7 +43,10 @@ LayerNorm and GroupNorm, whose per-example gradients are sums over positions of
 differentiable sub-batch engine the layer's scale enters as a scalar on its output,
 :math:`z = \\alpha_W (W^0 * x) + \\alpha_b b^0`, so that the double backward never forms a
 weight gradient, and the group gradients' Gram has a hand-written backward (convolutions
-by one transposed and one forward convolution).
+by one transposed and one forward convolution). In its fused form (one forward for all groups)
+the dense layers called once on vectors share one autograd node, each by the cheaper of the
+two exact forms above: the Gram over rows, :math:`(\\Delta\\Delta^\\top)\\odot(XX^\\top + 1)`
+summed over group blocks (layers of equal shapes batched), or explicit group gradients.
 
 Every other trainable tensor (embeddings, raw ``nn.Parameter`` s such as
 ``MultiheadAttention.in_proj_weight``, tied tensors, layers whose weight is also used
