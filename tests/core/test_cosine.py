@@ -125,6 +125,41 @@ def test_zero_group_gradient_gives_finite_gc_and_gradient():
         C.cosine_from_gram(torch.ones(1, 1))
 
 
+def _cosine_by_autograd(gram, eps):
+    """GC and norms written out elementwise; autograd differentiates them (0 where a norm is 0)."""
+    d = gram.shape[0]
+    diag = gram.diagonal()
+    pos = diag > 0
+    n = torch.where(pos, torch.where(pos, diag, torch.ones_like(diag)).sqrt(), torch.zeros_like(diag))
+    total = sum(gram[k, l] / (n[k] * n[l] + eps) for k in range(d) for l in range(d) if k != l)
+    return total / (d * (d - 1)), n
+
+
+@pytest.mark.parametrize("zero_row", [None, 2])
+@pytest.mark.parametrize("eps", [1e-8, 0.3])
+def test_cosine_backward_equals_autograd_of_the_formula(zero_row, eps):
+    """cosine_from_gram's hand-written backward against autograd of the elementwise formula, in
+    float64, for a non-symmetric upstream and a Gram matrix with a zero group gradient."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    if zero_row is not None:
+        m[zero_row] = 0
+    gram0 = m @ m.T + 0.1 * torch.randn(5, 5, generator=g, dtype=torch.float64).triu(1)  # not symmetric
+    u, v = torch.randn((), generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (C.cosine_from_gram, _cosine_by_autograd):
+        gram = gram0.clone().requires_grad_(True)
+        gc, norms = fn(gram, eps)
+        (dg,) = torch.autograd.grad(u * gc + (v * norms).sum(), gram)
+        grads.append((gc.detach(), norms.detach(), dg))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.isfinite(grads[0][2]).all()
+    if zero_row is None:
+        gram = gram0.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda t: C.cosine_from_gram(t, eps), (gram,))
+
+
 def test_zero_subbatch_gradient_through_the_engine_is_finite():
     """A loss weight of 0 on the second sub-batch makes its gradient exactly 0."""
     torch.manual_seed(0)
@@ -403,6 +438,59 @@ def test_scale_gradient_equals_finite_differences(name):
         fd[i] = (_objective(model, alpha0 + e, parts, 0.5) - _objective(model, alpha0 - e, parts, 0.5)) / (2 * h)
     torch.testing.assert_close(grads[True], fd, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["gram", "explicit", "mixed", None])
+def test_fused_dense_forms_equal_explicit_subbatch_gradients(monkeypatch, form):
+    """The fused engine's two forms for dense layers (Gram over rows, explicit group
+    gradients), forced on every layer or mixed in one node, against per-sub-batch autograd
+    gradients at scales away from 1 (two same-shaped layers, one without bias, stacked by the Gram
+    form); the scale gradient against plain autograd."""
+    if form == "mixed":
+        monkeypatch.setattr(C, "_dense_form", lambda n, d, o, k, form=None: "gram" if o == k else "explicit")
+    else:
+        monkeypatch.setattr(C, "_DENSE_FORM", form)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(7, 9),
+        nn.Tanh(),
+        nn.Linear(9, 9, bias=False),
+        nn.Tanh(),
+        nn.Linear(9, 9),
+        nn.Tanh(),
+        nn.Linear(9, 10),
+    ).double()
+    batch = _cls(12, 7, seed=2)
+    parts = split_batch(batch, 3)
+    space = ScaleSpace(model)
+    ev = Evaluator(model, space, Task())
+    alpha0 = 0.7 + 0.6 * torch.rand(len(space), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, a in zip(scaled.parameters(), alpha0, strict=True):
+            p.mul_(a)
+    ref = _loop_gram(scaled, parts, train=True)
+    grads = {}
+    with search_mode(model):
+        plan = C.build_plan(ev, batch, verify_scaling=True)
+        assert not plan.fallback
+        for fused in (True, False):
+            a = alpha0.clone().requires_grad_(True)
+            gram, _ = C.subbatch_gram(ev, a, parts, plan=plan if fused else None, create_graph=True, fused=fused)
+            if fused:
+                torch.testing.assert_close(gram, ref, rtol=1e-10, atol=1e-12)
+            gc, norms = C.cosine_from_gram(gram)
+            (grads[fused],) = torch.autograd.grad(-gc - 0.5 * norms.mean(), a)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-9, atol=1e-12)
+
+
+def test_dense_form_choice():
+    """Small batches take the Gram over rows, large ones the explicit group gradients."""
+    assert C._dense_form(64, 4, 64, 64) == "gram"
+    assert C._dense_form(512, 4, 64, 64) == "explicit"
+    assert C._dense_form(512, 4, 64, 64, "gram") == "gram"
+    with pytest.raises(ValueError):
+        C._dense_form(8, 2, 3, 3, "bogus")
 
 
 # ---- the plan: which layers are accelerated ---------------------------------------------

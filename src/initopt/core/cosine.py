@@ -43,7 +43,10 @@ LayerNorm and GroupNorm, whose per-example gradients are sums over positions of
 differentiable sub-batch engine the layer's scale enters as a scalar on its output,
 :math:`z = \\alpha_W (W^0 * x) + \\alpha_b b^0`, so that the double backward never forms a
 weight gradient, and the group gradients' Gram has a hand-written backward (convolutions
-by one transposed and one forward convolution).
+by one transposed and one forward convolution). In its fused form (one forward for all groups)
+the dense layers called once on vectors share one autograd node, each by the cheaper of the
+two exact forms above: the Gram over rows, :math:`(\\Delta\\Delta^\\top)\\odot(XX^\\top + 1)`
+summed over group blocks (layers of equal shapes batched), or explicit group gradients.
 
 Every other trainable tensor (embeddings, raw ``nn.Parameter`` s such as
 ``MultiheadAttention.in_proj_weight``, tied tensors, layers whose weight is also used
@@ -65,6 +68,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -94,13 +98,50 @@ _BUDGET = 1 << 25
 _FOLD_BIASES = True
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it already has that dtype (hot paths)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # ---- GC and GN from a Gram matrix --------------------------------------------------------
 
 
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """:math:`\\sqrt{\\max(x, 0)}` with gradient 0 (not NaN) where :math:`x = 0`."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+class _GramCosine(torch.autograd.Function):
+    """GC and the norms from a Gram matrix, with a hand-written backward (one autograd node
+    instead of about fifteen). With :math:`n_k = \\sqrt{\\Gamma_{kk}}` (0 where
+    :math:`\\Gamma_{kk} \\le 0`), :math:`\\rho_{kl} = n_k n_l + \\epsilon`,
+    :math:`c = \\bar g_{\\mathrm{GC}} / (D(D-1))` and :math:`Q_{kl} = c\\,\\Gamma_{kl}/\\rho_{kl}^2`
+    off the diagonal (0 on it):
+
+    .. math::
+
+        \\bar\\Gamma_{kl} = [k \\ne l]\\, \\frac{c}{\\rho_{kl}}, \\qquad
+        \\bar n = \\bar g_n - (Q + Q^\\top)\\, n, \\qquad
+        \\bar\\Gamma_{kk} \\mathrel{+}= \\frac{\\bar n_k}{2 n_k}\\ (0 \\text{ where } n_k = 0).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gram: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        d = gram.shape[0]
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        den = torch.outer(norms, norms).add_(eps)
+        cos = gram / den
+        gc = (cos.sum() - cos.diagonal().sum()).div_(d * (d - 1))
+        ctx.save_for_backward(gram, norms, den)
+        return gc, norms
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_gc: torch.Tensor, g_norms: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        gram, norms, den = ctx.saved_tensors
+        d = gram.shape[0]
+        w = (g_gc / (d * (d - 1))) / den
+        w.fill_diagonal_(0)
+        q = w * gram / den
+        dn = g_norms - (q + q.T) @ norms
+        dg = w
+        dg.diagonal().add_((dn / (2 * norms)).masked_fill_(norms == 0, 0))
+        return dg, None
 
 
 def cosine_from_gram(gram: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +151,8 @@ def cosine_from_gram(gram: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tenso
 
         \\mathrm{GC} = \\frac{1}{D(D-1)}\\sum_{k\\ne l}\\frac{\\Gamma_{kl}}{\\|G_k\\|\\|G_l\\|+\\epsilon}
 
-    Differentiable, also where a group gradient is 0.
+    Differentiable once (:class:`_GramCosine`), also where a group gradient is 0 (its norm
+    then has gradient 0, not NaN).
 
     Returns:
         ``(gc, norms)``: a 0-d tensor and the D norms :math:`\\|G_k\\|`.
@@ -124,9 +166,7 @@ def cosine_from_gram(gram: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tenso
     d = gram.shape[0]
     if gram.ndim != 2 or gram.shape[1] != d or d < 2:
         raise ValueError(f"need a D x D Gram matrix with D >= 2, got shape {tuple(gram.shape)}")
-    norms = _safe_sqrt(gram.diagonal())
-    cos = gram / (norms[:, None] * norms[None, :] + eps)
-    gc = (cos.sum() - cos.diagonal().sum()) / (d * (d - 1))
+    gc, norms = _GramCosine.apply(gram, eps)
     return gc, norms
 
 
@@ -149,20 +189,135 @@ class _StackGram(torch.autograd.Function):
         return tuple(x.view(ctx.shape) for x in d.unbind(0))
 
 
-class _RowGram(torch.autograd.Function):
-    """:math:`M M^\\top` of a D x P matrix, with backward :math:`(S + S^\\top) M` (one product
-    instead of autograd's two)."""
+class _DenseGram(torch.autograd.Function):
+    """D x D Gram matrix of the group gradients of dense layers, each called once on a
+    ``(n, in)`` input whose D consecutive blocks of s = n / D rows are the groups; one autograd
+    node for all the layers, each by one of two exact forms (:func:`_dense_form`):
+
+    * ``"gram"`` — the Gram over rows: with :math:`P = (\\Delta\\Delta^\\top) \\odot
+      (XX^\\top + [\\text{bias}])` (n x n; the 1 adds the bias gradient),
+      :math:`\\Gamma_{kl} \\mathrel{+}= \\sum_{i \\in k, j \\in l} P_{ij}`, since
+      :math:`\\langle \\sum_{i\\in k}\\delta_i x_i^\\top, \\sum_{j\\in l}\\delta_j x_j^\\top\\rangle =
+      \\sum_{i,j} (\\delta_i\\cdot\\delta_j)(x_i\\cdot x_j)`. Layers of equal shapes are stacked and
+      run as one batched product. Backward, with :math:`\\tilde S` the D x D
+      :math:`S + S^\\top` repeated over the rows of each group:
+      :math:`\\partial/\\partial\\Delta = (\\tilde S \\odot (XX^\\top + [\\text{bias}]))\\Delta`,
+      :math:`\\partial/\\partial X = (\\tilde S \\odot \\Delta\\Delta^\\top) X`.
+    * ``"explicit"`` — the group gradients: row k of M holds :math:`\\delta_k^\\top x_k` (and
+      :math:`\\sum_r \\delta_{k,r}`), one batched product per layer; :math:`\\Gamma \\mathrel{+}=
+      M M^\\top`. Backward, with :math:`V = (S + S^\\top) M` in the same per-layer pieces
+      :math:`V^W_k, V^b_k`: :math:`\\partial/\\partial\\delta_k = x_k V^{W\\top}_k + V^b_k` (on every
+      row), :math:`\\partial/\\partial x_k = \\delta_k V^W_k`.
+
+    Arguments: D, per layer ``(form, has bias)``, then ``x, δ`` of each layer.
+    """
 
     @staticmethod
-    def forward(ctx: Any, m: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(m)
-        return m @ m.T
+    def forward(ctx: Any, d: int, layout: tuple[tuple[str, bool], ...], *xs_dzs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        dtype = xs_dzs[1].dtype
+        n = xs_dzs[1].shape[0]
+        xs = [_cast(x, dtype) for x in xs_dzs[0::2]]
+        dzs = [_cast(dz, dtype) for dz in xs_dzs[1::2]]
+        gram = None
+        stacks: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for idx in _DenseGram._shape_groups(layout, xs, dzs):
+            x = torch.stack([xs[r] for r in idx])  # (L, n, in)
+            dz = torch.stack([dzs[r] for r in idx])  # (L, n, out)
+            ones = torch.tensor([float(layout[r][1]) for r in idx], dtype=dtype, device=x.device)
+            dd = torch.bmm(dz, dz.transpose(1, 2))
+            xx = torch.baddbmm(ones.view(-1, 1, 1), x, x.transpose(1, 2))
+            block = (dd * xx).sum(0).view(d, n // d, d, n // d).sum(dim=(1, 3))
+            gram = block if gram is None else gram + block
+            stacks.append((idx, x, dz, dd, xx))
+        rows = []
+        for r, (form, b) in enumerate(layout):
+            if form != "explicit":
+                continue
+            xg, dzg = xs[r].reshape(d, -1, xs[r].shape[-1]), dzs[r].reshape(d, -1, dzs[r].shape[-1])
+            rows.append(torch.bmm(dzg.transpose(1, 2), xg).view(d, -1))
+            if b:
+                rows.append(dzg.sum(1))
+        m = None
+        if rows:
+            m = torch.cat(rows, dim=1)
+            gram = m @ m.T if gram is None else gram + m @ m.T
+        ctx.layout, ctx.stacks, ctx.n = layout, stacks, n
+        ctx.save_for_backward(m, *xs_dzs)
+        assert gram is not None
+        return gram
+
+    @staticmethod
+    def _shape_groups(
+        layout: tuple[tuple[str, bool], ...], xs: Sequence[torch.Tensor], dzs: Sequence[torch.Tensor]
+    ) -> list[list[int]]:
+        """The ``"gram"`` layers, grouped by (input, output) width in order of appearance."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, (form, _) in enumerate(layout):
+            if form == "gram":
+                groups.setdefault((xs[r].shape[-1], dzs[r].shape[-1]), []).append(r)
+        return list(groups.values())
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, s: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (m,) = ctx.saved_tensors
-        return (s + s.T).to(m.dtype) @ m
+    def backward(ctx: Any, s: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        m, *xs_dzs = ctx.saved_tensors
+        layout, n = ctx.layout, ctx.n
+        d = s.shape[0]
+        needs = ctx.needs_input_grad
+        grads: list[torch.Tensor | None] = [None] * len(xs_dzs)
+        sym = s + s.T
+        if ctx.stacks:
+            dtype = ctx.stacks[0][1].dtype
+            big = _cast(sym, dtype)[:, None, :, None].expand(d, n // d, d, n // d).reshape(n, n)
+            for idx, x, dz, dd, xx in ctx.stacks:
+                if any(needs[2 + 2 * r] for r in idx):
+                    gx = torch.bmm(big * dd, x).unbind(0)
+                    for r, g in zip(idx, gx, strict=True):
+                        grads[2 * r] = _cast(g, xs_dzs[2 * r].dtype) if needs[2 + 2 * r] else None
+                gdz = torch.bmm(big * xx, dz).unbind(0)
+                for r, g in zip(idx, gdz, strict=True):
+                    grads[2 * r + 1] = _cast(g, xs_dzs[2 * r + 1].dtype) if needs[3 + 2 * r] else None
+        if m is not None:
+            v = _cast(sym, m.dtype) @ m
+            off = 0
+            for r, (form, b) in enumerate(layout):
+                if form != "explicit":
+                    continue
+                x, dz = xs_dzs[2 * r], xs_dzs[2 * r + 1]
+                xg = _cast(x, m.dtype).reshape(d, -1, x.shape[-1])
+                dzg = _cast(dz, m.dtype).reshape(d, -1, dz.shape[-1])
+                o, k = dzg.shape[-1], xg.shape[-1]
+                vw = v[:, off : off + o * k].view(d, o, k)
+                off += o * k
+                vb = None
+                if b:
+                    vb = v[:, off : off + o].unsqueeze(1)
+                    off += o
+                if needs[2 + 2 * r]:
+                    grads[2 * r] = _cast(torch.bmm(dzg, vw).reshape(x.shape), x.dtype)
+                if needs[3 + 2 * r]:
+                    wt = vw.transpose(1, 2)
+                    gdz = torch.bmm(xg, wt) if vb is None else torch.baddbmm(vb, xg, wt)
+                    grads[2 * r + 1] = _cast(gdz.reshape(dz.shape), dz.dtype)
+        return (None, None, *grads)
+
+
+# which form the fused sub-batch engine uses for its dense layers: None picks by cost
+# (_dense_form); "explicit" or "gram" force one (tests)
+_DENSE_FORM: str | None = None
+# the explicit form's cost weight: its products contract over the s = n / D rows of a group and
+# it writes and reads a D x (out * in) matrix per layer; measured about 1.5x slower per flop than
+# the Gram form's square products on a 2-core CPU (64-128 rows, 16-256 features)
+_EXPLICIT_WEIGHT = 1.5
+
+
+def _dense_form(n: int, d: int, o: int, k: int, form: str | None = None) -> str:
+    """Cheaper exact form for a dense layer's D x D group Gram in the fused engine, forward
+    and backward (:class:`_DenseGram`): ``"gram"`` (:math:`2 n^2 (o + k)` multiply-adds) or
+    ``"explicit"`` (:math:`3 n o k + 2 D^2 o k`, weighted by
+    ``_EXPLICIT_WEIGHT``). n rows, D groups, o outputs, k inputs."""
+    costs = {"gram": 2 * n * n * (o + k), "explicit": _EXPLICIT_WEIGHT * (3 * n * o * k + 2 * d * d * o * k)}
+    return _choose_form(costs, form)
 
 
 def gram_of(grads: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -330,6 +485,18 @@ class GramPlan:
         skipped = {**skipped, **{ly.name: reason for ly in layers}}
         return GramPlan((), tuple(range(len(ev.space.blocks))), skipped)
 
+    @cached_property
+    def scale_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CPU index tensors of the accelerated weight blocks (sorted), of the accelerated bias
+        blocks, and of those biases' weight blocks (the gathers of :func:`subbatch_gram`;
+        built once per plan)."""
+        biased = [ly for ly in self.layers if ly.bias is not None]
+        return (
+            torch.tensor(sorted({ly.weight for ly in self.layers}), dtype=torch.long),
+            torch.tensor([ly.bias for ly in biased], dtype=torch.long),
+            torch.tensor([ly.weight for ly in biased], dtype=torch.long),
+        )
+
     def accelerated_names(self, ev: Evaluator) -> list[str]:
         """Canonical names of the accelerated blocks."""
         blocks = ev.space.blocks
@@ -354,14 +521,14 @@ class _Recorder:
         layers: Sequence[_Layer],
         ev: Evaluator,
         alpha: torch.Tensor | None = None,
-        folded: Sequence[torch.Tensor] | None = None,
+        folded: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.layers = layers
         self.ev = ev
         self.alpha = alpha
-        # folded: the scales as 0-d tensors (one unbind of alpha, fewer graph nodes than one
-        # index per layer); the layers run with bias (alpha_b / alpha_W) b0, so the output
-        # scale alone gives alpha_W (W0 x) + alpha_b b0
+        # folded: {weight block: its scale as a 0-d tensor} (one gather and unbind of alpha,
+        # fewer graph nodes than one index per layer); the layers run with bias
+        # (alpha_b / alpha_W) b0, so the output scale alone gives alpha_W (W0 x) + alpha_b b0
         self._cols = folded
         self.groups: list[list[tuple[_Layer, torch.Tensor, int, Any]]] = []
 
@@ -370,7 +537,7 @@ class _Recorder:
             x = args[0] if args else kwargs["input"]
             z = out
             if self._cols is not None:
-                z = out * self._cols[layer.weight].to(out.dtype)
+                z = out * _cast(self._cols[layer.weight], out.dtype)
             elif self.alpha is not None:
                 a = self.alpha
                 z = out * a[layer.weight].to(out.dtype)
@@ -572,6 +739,31 @@ class _WeightGram(torch.autograd.Function):
         return (None, None, None, *out)
 
 
+def _folded_biases(
+    space: Any, a: torch.Tensor, acc_b: dict[int, int], index: tuple[torch.Tensor, torch.Tensor]
+) -> dict[int, torch.Tensor] | None:
+    """:math:`(\\alpha_b / \\alpha_W)\\, b^0` of every accelerated bias (``acc_b``: bias block ->
+    weight block; ``index``: the same as two index tensors), by one division of the gathered
+    scales and one product over all the biases concatenated (a few autograd nodes instead of
+    two per layer); ``None`` when one of those weights' scales is 0."""
+    if not acc_b:
+        return {}
+    ib, iw = index
+    den = a.index_select(0, iw)
+    if not bool((den.detach() != 0).all()):
+        return None
+    b0 = [space.initial[i] for i in acc_b]
+    sizes = [t.numel() for t in b0]
+    flat = torch.cat([t.reshape(-1) for t in b0])
+    ratio = _cast(a.index_select(0, ib) / den, flat.dtype)
+    scaled = flat * ratio.repeat_interleave(torch.tensor(sizes, device=a.device), output_size=flat.numel())
+    pieces = scaled.split(sizes)
+    return {
+        i: _cast(t if t.shape == t0.shape else t.view(t0.shape), t0.dtype)
+        for i, t, t0 in zip(acc_b, pieces, b0, strict=True)
+    }
+
+
 def subbatch_gram(
     ev: Evaluator,
     alpha: torch.Tensor,
@@ -583,6 +775,7 @@ def subbatch_gram(
     projector: ProjectedWeightGrads | None = None,
     fallback_leaves: Sequence[torch.Tensor] | None = None,
     clock: Callable[[str], None] | None = None,
+    whole: Batch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the gradients of D groups, :math:`G_k = \\nabla_\\theta L(\\text{part}_k)`,
     at :math:`\\theta = \\alpha \\odot W^0`.
@@ -616,6 +809,8 @@ def subbatch_gram(
             ``projector.scale_gradient_with`` (NIO's outer backward), with respect to the
             accelerated ones the gradient to ``alpha``.
         clock: called with ``"forward"``, ``"gradients"`` and ``"gram"`` after each phase.
+        whole: with ``fused``, the batch whose contiguous split ``parts`` is (saves
+            concatenating the parts again); ignored otherwise.
 
     Returns:
         ``(gram, losses)``: the D x D Gram matrix and the D group losses.
@@ -626,15 +821,19 @@ def subbatch_gram(
     acc_w = {ly.weight for ly in plan.layers}
     acc_b = {ly.bias: ly.weight for ly in plan.layers if ly.bias is not None}
     # accelerated biases enter as (alpha_b / alpha_W) b0 inside the layer, whose output the
-    # hook multiplies by alpha_W (possible where every accelerated weight's scale is non-zero)
-    folded = _FOLD_BIASES and bool(plan.layers) and bool((a.detach()[sorted(acc_w)] != 0).all())
-    cols = a.unbind(0) if folded else None
+    # hook multiplies by alpha_W (possible where those weights' scales are non-zero)
+    biases, cols = None, None
+    if _FOLD_BIASES and plan.layers:
+        iw_all, ib, iwb = (t.to(a.device) for t in plan.scale_index)
+        biases = _folded_biases(space, a, acc_b, (ib, iwb))
+        if biases is not None:
+            cols = dict(zip(sorted(acc_w), a.index_select(0, iw_all).unbind(0), strict=True))
     tensors = []
     for i, w0 in enumerate(space.initial):
         if i in acc_w:
             tensors.append(w0)
         elif i in acc_b:
-            tensors.append(w0 * (cols[i] / cols[acc_b[i]]).to(w0.dtype) if cols else torch.zeros_like(w0))
+            tensors.append(torch.zeros_like(w0) if biases is None else biases[i])
         elif fallback_leaves is not None:
             tensors.append(fallback_leaves[i])
         else:
@@ -642,7 +841,7 @@ def subbatch_gram(
     rest = list(plan.fallback)
     rec = _Recorder(plan.layers, ev, alpha=a, folded=cols)
     if fused:
-        return _fused_gram(ev, a, tensors, parts, plan, rec, create_graph, clock)
+        return _fused_gram(ev, a, tensors, parts, plan, rec, create_graph, clock, whole)
     losses = []
     with rec.active(), projector.intercept() if projector is not None else contextlib.nullcontext():
         for k, part in enumerate(parts):
@@ -691,18 +890,22 @@ def _fused_gram(
     rec: _Recorder,
     create_graph: bool,
     clock: Callable[[str], None] | None,
+    whole: Batch | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`subbatch_gram` with ``fused=True``: one forward and one backward for all parts."""
+    """:func:`subbatch_gram` with ``fused=True``: one forward and one backward for all parts
+    (of the batch ``whole``, their concatenation, when given)."""
     if plan.fallback:
         raise ValueError("the fused sub-batch engine needs a plan that accelerates every block")
     space = ev.space
     sizes = [batch_size(p) for p in parts]
+    if whole is None:
+        whole = concat_batches(list(parts))
     with rec.active():
         rec.new_group()
-        out = ev.output(tensors, concat_batches(list(parts)))
+        out = ev.output(tensors, whole)
     if not (isinstance(out, torch.Tensor) and out.ndim > 0 and out.shape[0] == sum(sizes)):
         raise ValueError("the fused sub-batch engine needs a model output tensor with one row per example")
-    y = parts[0][1] if isinstance(parts[0], (tuple, list)) and len(parts[0]) >= 2 else None
+    y = whole[1] if isinstance(whole, (tuple, list)) and len(whole) >= 2 else None
     if (
         ev.task.loss_fn is None
         and len(set(sizes)) == 1
@@ -710,19 +913,17 @@ def _fused_gram(
         and isinstance(y, torch.Tensor)
         and y.ndim == 1
         and not y.is_floating_point()
-        and all(bool((p[1] >= 0).all()) for p in parts)
+        and bool((y >= 0).all())
     ):
         # the default loss, F.cross_entropy (mean) of each part: one call over all rows
-        targets = torch.cat([p[1] for p in parts])
-        per = F.cross_entropy(out, targets, reduction="none").reshape(len(parts), sizes[0]).mean(1)
-        losses = list(per.unbind(0))
-        stacked = per
+        stacked = F.cross_entropy(out, y, reduction="none").reshape(len(parts), sizes[0]).mean(1)
     else:
-        losses = [
-            check_loss(ev.task.loss(rows, part), f"sub-batch {k}")
-            for k, (rows, part) in enumerate(zip(torch.split(out, sizes), parts, strict=True))
-        ]
-        stacked = torch.stack(losses)
+        stacked = torch.stack(
+            [
+                check_loss(ev.task.loss(rows, part), f"sub-batch {k}")
+                for k, (rows, part) in enumerate(zip(torch.split(out, sizes), parts, strict=True))
+            ]
+        )
     if not torch._C._are_functorch_transforms_active() and not bool(torch.isfinite(stacked.detach()).all()):
         raise LossError(f"the sub-batch losses are {stacked.detach().tolist()}: non-finite")
     if clock is not None:
@@ -734,7 +935,9 @@ def _fused_gram(
     d = len(parts)
     per_layer: dict[int, tuple[_Layer, list[int], list[torch.Tensor]]] = {}
     bias_sums: dict[int, list[Any]] = {}
-    rows: list[torch.Tensor] = []  # (D, size) group gradients of dense layers, concatenated below
+    # x, dz and (form, has bias) of dense layers called once on vectors: one _DenseGram
+    dense: list[torch.Tensor] = []
+    layout: list[tuple[str, bool]] = []
     equal = len(set(sizes)) == 1
     calls: dict[int, int] = {}
     for r in records:
@@ -744,11 +947,10 @@ def _fused_gram(
         if dz is None:
             continue
         if not ly.conv and equal and x.ndim == 2 and calls[id(ly)] == 1:
-            # a dense layer called once on vectors: all D group gradients by one batched product
-            dzg, xg = dz.reshape(d, sizes[0], -1), x.to(dz.dtype).reshape(d, sizes[0], -1)
-            rows.append(torch.bmm(dzg.transpose(1, 2), xg).reshape(d, -1))
-            if ly.bias is not None:
-                rows.append(dzg.sum(1))
+            # a dense layer called once on vectors: one Gram node for all of them
+            o, k = ly.wshape[0], ly.wshape[1]
+            dense += [x, dz]
+            layout.append((_dense_form(x.shape[0], d, o, k, _DENSE_FORM), ly.bias is not None))
             continue
         _, groups, flat = per_layer.setdefault(id(ly), (ly, [], []))
         sums = bias_sums.setdefault(id(ly), [0] * d) if ly.bias is not None else None
@@ -761,14 +963,16 @@ def _fused_gram(
         clock("gradients")
     gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
     with torch.set_grad_enabled(create_graph):
+        terms = []
         if per_layer:
-            gram = _assemble(gram, per_layer, bias_sums, [], [], space)
-        if rows:
-            dense = _RowGram.apply(torch.cat(rows, dim=1)).to(gram.dtype)
-            gram = gram + dense if per_layer else dense
+            terms.append(_assemble(gram, per_layer, bias_sums, [], [], space))
+        if dense:
+            terms.append(_cast(_DenseGram.apply(d, tuple(layout), *dense), gram.dtype))
+        for i, t in enumerate(terms):
+            gram = t if i == 0 else gram + t
     if clock is not None:
         clock("gram")
-    return gram, (stacked if create_graph else stacked.detach()).to(gram.dtype)
+    return gram, _cast(stacked if create_graph else stacked.detach(), gram.dtype)
 
 
 def _assemble(
@@ -892,7 +1096,7 @@ def _form_costs(n: int, p: int, og: int, kg: int, g: int) -> dict[str, int]:
     return {"gram": n * n * p * p * (og + kg) * g, "explicit": n * p * og * kg * g + n * n * og * kg * g}
 
 
-def _choose_form(costs: dict[str, int], form: str | None) -> str:
+def _choose_form(costs: dict[str, float], form: str | None) -> str:
     if form is None:
         return "gram" if costs["gram"] <= costs["explicit"] else "explicit"
     if form not in costs:

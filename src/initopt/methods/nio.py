@@ -247,6 +247,7 @@ class NIO(Method):
             projector=pwg,
             fallback_leaves=theta,
             clock=clock,
+            whole=batch,
         )
         gc, norms = cosine_from_gram(gram, cfg.eps)
         gn = norms.mean()
