@@ -7,14 +7,17 @@ most 6 SGD training steps and one NIO iteration at most 4, at 1 thread (2 thread
 too). On a model this small fixed per-iteration overhead (Python, autograd nodes, small
 kernels) weighs more than on VGG-11.
 
-Result on the shared 2-core machine (results/small_before_after.json, alternating processes of
-the code before and after issue 13's changes, 21 rounds each, wall-clock medians): MetaInit 17.8
--> 10.1 training steps at 1 thread (12.2 -> 8.8 at 2), NIO 22.1 -> 5.3 (14.4 -> 3.7). The NIO
-target is met at 2 threads only and MetaInit's is not: after the overhead cuts MetaInit's step
-is bound by its ~240 small matrix products (about 8x a training step's 32) and autograd's
-per-node cost; ``torch.compile`` of a ``torch.func`` version reaches about 4-5.6 training steps
-but compiles for 9-95 s (break-even after more than 1000 steps; MetaInit's default is 500), so
-it is not used. ``small_cost.json`` records this script's own run (same code, busier machine).
+Result on the shared 2-core machine (``small_cost.json``, 21 interleaved rounds, default
+OpenMP wait policy, 1 thread, medians in training steps): MetaInit 6.9 (wall; 7.0 CPU), NIO 3.7
+(3.8 CPU); an earlier run of 21 rounds gave 7.2 and 3.9. The way there
+(``results/small_before_after.json`` and the issue's notes): MetaInit 17.8 -> 10.1 -> 6.9-7.2,
+NIO 22.1 -> 5.3 -> 3.7-3.9. NIO meets its target by the median, with single rounds up to 4.3;
+MetaInit does not: on this chain-shaped model its step already takes g and Hg
+written out (``initopt.core.chain``, 231 autograd nodes instead of 726) and is bound by its
+~280 small matrix products (about 7.4 us each here, 2.5-3.3 training steps) plus the cost per
+operation of about 1100 others. ``torch.compile`` of a ``torch.func`` version is faster per
+step but compiles for 5-95 s (``--compile`` reports the break-even number of steps), so it is
+not used.
 
 Method: one process; per thread count, ``--repeats`` interleaved rounds of (a) ``3 * iters``
 SGD training steps (zero_grad, forward, cross-entropy, backward, ``SGD.step``), (b)
