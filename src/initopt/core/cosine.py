@@ -429,6 +429,20 @@ def _conv_padding(m: nn.Module) -> tuple[int, ...] | None:
     return tuple(int(p) for p in pad)
 
 
+def _own_blocks(space: Any, index: dict[int, int], m: nn.Module) -> tuple[int, int | None] | str:
+    """The block indices of ``m``'s own ``weight`` and ``bias`` (``None``: no bias), or why
+    the module cannot be accelerated (not scaled tensors, or tied ones)."""
+    w = m._parameters.get("weight")
+    b = m._parameters.get("bias")
+    iw = index.get(id(w))
+    ib = None if b is None else index.get(id(b))
+    if iw is None or (b is not None and ib is None):
+        return "weight or bias is not a scaled tensor"
+    if len(space.blocks[iw].names) > 1 or (ib is not None and len(space.blocks[ib].names) > 1):
+        return "tied tensor"
+    return iw, ib
+
+
 def _candidates(ev: Evaluator) -> tuple[list[_Layer], dict[str, str]]:
     space = ev.space
     index = {id(b.param): i for i, b in enumerate(space.blocks)}
@@ -438,16 +452,11 @@ def _candidates(ev: Evaluator) -> tuple[list[_Layer], dict[str, str]]:
         kind = {nn.Linear: 0, nn.Conv1d: 1, nn.Conv2d: 2}.get(type(m))
         if kind is None:
             continue
-        w = m._parameters.get("weight")
-        b = m._parameters.get("bias")
-        iw = index.get(id(w))
-        ib = None if b is None else index.get(id(b))
-        if iw is None or (b is not None and ib is None):
-            skipped[name] = "weight or bias is not a scaled tensor"
+        own = _own_blocks(space, index, m)
+        if isinstance(own, str):
+            skipped[name] = own
             continue
-        if len(space.blocks[iw].names) > 1 or (ib is not None and len(space.blocks[ib].names) > 1):
-            skipped[name] = "tied tensor"
-            continue
+        iw, ib = own
         if kind == 0:
             layers.append(_Layer(m, name, iw, ib, 0))
             continue
@@ -963,13 +972,11 @@ def _fused_gram(
         clock("gradients")
     gram = torch.zeros((d, d), dtype=space.dtype, device=space.device)
     with torch.set_grad_enabled(create_graph):
-        terms = []
         if per_layer:
-            terms.append(_assemble(gram, per_layer, bias_sums, [], [], space))
+            gram = _assemble(gram, per_layer, bias_sums, [], [], space)
         if dense:
-            terms.append(_cast(_DenseGram.apply(d, tuple(layout), *dense), gram.dtype))
-        for i, t in enumerate(terms):
-            gram = t if i == 0 else gram + t
+            dg = _cast(_DenseGram.apply(d, tuple(layout), *dense), gram.dtype)
+            gram = gram + dg if per_layer else dg
     if clock is not None:
         clock("gram")
     return gram, _cast(stacked if create_graph else stacked.detach(), gram.dtype)
@@ -1233,18 +1240,13 @@ def _norm_candidates(ev: Evaluator) -> tuple[list[_Norm], dict[str, str]]:
     for name, m in ev.model.named_modules():
         if type(m) not in _NORMS:
             continue
-        w = m._parameters.get("weight")
-        b = m._parameters.get("bias")
-        if w is None:
+        if m._parameters.get("weight") is None:
             continue  # no affine parameters
-        iw = index.get(id(w))
-        ib = None if b is None else index.get(id(b))
-        if iw is None or (b is not None and ib is None):
-            skipped[name] = "weight or bias is not a scaled tensor"
-        elif len(space.blocks[iw].names) > 1 or (ib is not None and len(space.blocks[ib].names) > 1):
-            skipped[name] = "tied tensor"
+        own = _own_blocks(space, index, m)
+        if isinstance(own, str):
+            skipped[name] = own
         else:
-            out.append(_Norm(m, name, iw, ib))
+            out.append(_Norm(m, name, *own))
     return out, skipped
 
 
